@@ -1,0 +1,30 @@
+"""Federated algorithms and the types that cross the wire; plain numpy/torch, no Ray."""
+
+from aggregation.errors import ClientFailure, ConfigError, DataError, FedsimError, LayoutMismatch
+from aggregation.fedavg import FedAvg
+from aggregation.fedprox import FedProx
+from aggregation.messages import ClientInstructions, ClientUpdate
+from aggregation.payload import PAYLOAD_DTYPE, EntrySpec, LayoutEntry, PayloadLayout
+from aggregation.routing_stats import RoutingStats
+from aggregation.strategy import ArrayReader, RoundResult, Strategy, UpdateReader
+
+__all__ = [
+    "PAYLOAD_DTYPE",
+    "ArrayReader",
+    "ClientFailure",
+    "ClientInstructions",
+    "ClientUpdate",
+    "ConfigError",
+    "DataError",
+    "EntrySpec",
+    "FedAvg",
+    "FedProx",
+    "FedsimError",
+    "LayoutEntry",
+    "LayoutMismatch",
+    "PayloadLayout",
+    "RoundResult",
+    "RoutingStats",
+    "Strategy",
+    "UpdateReader",
+]

@@ -1,0 +1,31 @@
+"""FedAvg: the n-weighted mean of client updates (McMahan et al., 2017, arXiv 1602.05629).
+
+θ^t = θ^{t−1} + Σ_i n_i Δ_i / Σ_i n_i, accumulated as updates arrive, so the
+aggregator holds one model-sized buffer whatever the cohort size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aggregation.strategy import RoundResult, Strategy, UpdateReader
+from aggregation.weighting import WeightedMeanAccumulator
+
+
+class FedAvg(Strategy):
+    """Federated averaging weighted by each client's number of training examples."""
+
+    name = "fedavg"
+
+    def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        super().begin(global_payload, round_idx=round_idx)
+        self._mean = WeightedMeanAccumulator(self.layout.total)
+
+    def add(self, reader: UpdateReader) -> None:
+        u = self._checked(reader)
+        self._mean.add(u.client_id, reader.read(0, self.layout.total), u.n_examples)
+
+    def finish(self) -> RoundResult:
+        assert self._global is not None, "finish() before begin()"
+        weights = self._mean.normalised_weights()
+        return RoundResult(self._mean.apply(self._global), {"n_aggregated": float(len(weights))}, weights)

@@ -1,0 +1,92 @@
+"""What crosses the wire between the driver, the workers and the aggregator.
+
+Frozen records, as in pfl's contexts: ``ClientInstructions`` goes down with the
+round's payload, ``ClientUpdate`` comes back. Arrays placed inside are made
+read-only, because ``frozen`` alone does not freeze them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregation.routing_stats import RoutingStats
+
+
+def _readonly(a: np.ndarray | None) -> np.ndarray | None:
+    if a is not None and a.flags.writeable:
+        a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInstructions:
+    """What the strategy asks of one client in one round.
+
+    Attributes
+    ----------
+    client_id, round_idx : int
+        Who and when (rounds count from 1).
+    seed : int
+        The client's training seed, derived from (run seed, round, client) so it
+        does not depend on which worker runs it.
+    prox_mu : float
+        FedProx proximal coefficient μ; 0 disables the term.
+    p_g : ndarray [L, E] or None
+        Global routing distribution per MoE layer (FedAlign-MoE), None when unused.
+    alpha : ndarray [L, E] or None
+        The client's adaptive expert weights α_i(e) (FedAlign-MoE).
+    reg_lambda : float
+        Weight λ of the routing regulariser; 0 disables it.
+    """
+
+    client_id: int
+    round_idx: int
+    seed: int
+    prox_mu: float = 0.0
+    p_g: np.ndarray | None = None
+    alpha: np.ndarray | None = None
+    reg_lambda: float = 0.0
+
+    def __post_init__(self) -> None:
+        _readonly(self.p_g)
+        _readonly(self.alpha)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUpdate:
+    """One client's result for one round.
+
+    Attributes
+    ----------
+    client_id, round_idx, n_examples : int
+    delta : ndarray [layout.total] float32
+        θ_i − θ_g over the flat trainable payload.
+    routing : tuple of RoutingStats
+        One entry per MoE layer, after local training.
+    metrics : dict of str to (sum, weight)
+        Summable training metrics, e.g. ``{"train_loss": (Σ loss·n, n)}``.
+    compute_seconds : float
+        Measured local-training time of this client on its worker.
+    bytes_down, bytes_up : dict of str to int
+        Bytes by payload class ("shared", "router", "expert", "routing_stats").
+    """
+
+    client_id: int
+    round_idx: int
+    n_examples: int
+    delta: np.ndarray
+    routing: tuple[RoutingStats, ...]
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
+    compute_seconds: float = 0.0
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _readonly(self.delta)
+
+    def metric(self, name: str) -> float:
+        """Mean value of a summable metric (nan when absent or of zero weight)."""
+        s, w = self.metrics.get(name, (0.0, 0.0))
+        return s / w if w else float("nan")

@@ -1,0 +1,84 @@
+"""Routing statistics of one MoE layer, as summable sums and counts.
+
+A client's statistics are accumulated batch by batch (and, for a worker group,
+rank by rank) by plain addition; the quantities of the spec (p̄, margin, μ) are
+derived only when read, so the order of accumulation cannot change them.
+Spec: ../shared/spec/fedalign_moe.md, "What a client computes and uploads".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Self
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingStats:
+    """Sums over the non-padding tokens a client routed through one MoE layer.
+
+    Attributes
+    ----------
+    n_tokens : int
+        Number of tokens counted.
+    p_sum : ndarray [E]
+        Σ_x p_e(x), the summed router probabilities.
+    counts : ndarray [E]
+        #{x : e ∈ K(x)}, tokens whose top-k set holds expert e.
+    margin_sum : ndarray [E]
+        Σ over routed x of p_e(x) − max_{e'∉K(x)} p_{e'}(x).
+    x_sum : ndarray [E, d]
+        Σ over routed x of the hidden state x entering the MoE block.
+    """
+
+    n_tokens: int
+    p_sum: np.ndarray
+    counts: np.ndarray
+    margin_sum: np.ndarray
+    x_sum: np.ndarray
+
+    @classmethod
+    def zeros(cls, num_experts: int, hidden_size: int) -> Self:
+        """Statistics of no tokens, the identity of ``+``."""
+        return cls(
+            n_tokens=0,
+            p_sum=np.zeros(num_experts, dtype=np.float64),
+            counts=np.zeros(num_experts, dtype=np.float64),
+            margin_sum=np.zeros(num_experts, dtype=np.float64),
+            x_sum=np.zeros((num_experts, hidden_size), dtype=np.float64),
+        )
+
+    def __add__(self, other: Self) -> Self:
+        # Field by field, not dataclasses.astuple (which deep-copies the arrays).
+        return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.p_sum.shape[0])
+
+    @property
+    def p_bar(self) -> np.ndarray:
+        """Spec stat 1: p̄(e), the mean router probability [E]."""
+        return self.p_sum / max(self.n_tokens, 1)
+
+    @property
+    def margin(self) -> np.ndarray:
+        """Spec stat 3: m(e), mean routing margin over routed tokens, 0 where unused [E]."""
+        return np.divide(self.margin_sum, self.counts, out=np.zeros_like(self.margin_sum), where=self.counts > 0)
+
+    @property
+    def mu(self) -> np.ndarray:
+        """Spec stat 4: μ(e), the semantic signature, mean routed hidden state [E, d]."""
+        denom = np.maximum(self.counts, 1.0)[:, None]
+        return self.x_sum / denom
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes these statistics take on the wire."""
+        return 8 + sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "n_tokens")
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Total variation distance ½·Σ|p − q| between two distributions over experts."""
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
