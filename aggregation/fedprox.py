@@ -7,6 +7,8 @@ server step is the n-weighted mean, as in FedAvg.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from aggregation.messages import ClientInstructions
@@ -21,8 +23,8 @@ class FedProx(Strategy):
     name = "fedprox"
 
     def __init__(self, layout: PayloadLayout, *, mu: float) -> None:
-        if mu < 0:
-            raise ValueError(f"strategy.prox_mu must be >= 0, got {mu}")
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"strategy.prox_mu must be a finite number >= 0, got {mu}")
         super().__init__(layout)
         self.mu = mu
 
