@@ -1,0 +1,111 @@
+"""Aggregator: a Ray actor that runs a Strategy over updates as they complete.
+
+Updates arrive as object refs; the actor waits on them with ``ray.wait`` and
+reads each one zero-copy from the object store, so the cohort is never
+gathered into driver memory. Arrivals are folded into the strategy in cohort
+order through a small reorder buffer (of refs-backed views, not copies): the
+result is bit-identical whatever the number of workers or arrival order.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from aggregation.errors import ClientFailure
+from aggregation.messages import ClientInstructions, ClientUpdate
+from aggregation.payload import PayloadLayout
+from aggregation.strategy import ArrayReader, Strategy
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What the driver gets back besides the new payload (which stays in the object store)."""
+
+    round_idx: int
+    report: dict[str, float]
+    clients: list[dict[str, Any]]
+    failures: list[str] = field(default_factory=list)
+    routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    aggregator_peak_rss_mib: float = 0.0
+
+
+def _client_row(u: ClientUpdate, weight: float | None) -> dict[str, Any]:
+    return {
+        "client": u.client_id,
+        "n_examples": u.n_examples,
+        "train_loss": u.metric("train_loss"),
+        "compute_s": u.compute_seconds,
+        "bytes_down": int(sum(u.bytes_down.values())),
+        "bytes_up": int(sum(u.bytes_up.values())),
+        "weight": weight if weight is not None else float("nan"),
+    }
+
+
+def _failure_reason(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ClientFailure):
+        return str(cause)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+@ray.remote(num_cpus=0)
+class Aggregator:
+    """Holds the strategy (and its cross-round state) for the whole run."""
+
+    def __init__(self, strategy_factory: Callable[[PayloadLayout], Strategy], layout: PayloadLayout) -> None:
+        self.strategy = strategy_factory(layout)
+
+    def configure(self, round_idx: int, client_ids: list[int], seeds: list[int]) -> list[ClientInstructions]:
+        return [self.strategy.configure(c, round_idx, seed=s) for c, s in zip(client_ids, seeds, strict=True)]
+
+    @ray.method(num_returns=2)
+    def aggregate(self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef]) -> tuple[np.ndarray, RoundSummary]:
+        """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary."""
+        self.strategy.begin(global_payload, round_idx=round_idx)
+        position = {ref: i for i, ref in enumerate(update_refs)}
+        pending = list(update_refs)
+        arrived: dict[int, ClientUpdate | None] = {}
+        next_i = 0
+        done: list[ClientUpdate] = []
+        failures: list[str] = []
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    arrived[position[ref]] = ray.get(ref)
+                except (RayTaskError, RayActorError) as exc:
+                    failures.append(_failure_reason(exc))
+                    arrived[position[ref]] = None
+            while next_i in arrived:
+                update = arrived.pop(next_i)
+                next_i += 1
+                if update is not None:
+                    self.strategy.add(ArrayReader(update))
+                    done.append(update)
+        result = self.strategy.finish()
+        clients = [_client_row(u, result.client_weights.get(u.client_id)) for u in done]
+        p_bar = {u.client_id: [s.p_bar for s in u.routing] for u in done if u.routing}
+        del done  # release the object-store views before returning
+        summary = RoundSummary(
+            round_idx=round_idx,
+            report=dict(result.report),
+            clients=clients,
+            failures=failures,
+            routing_p_bar=p_bar,
+            aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
+        return result.payload, summary
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,138 @@
+"""A fixed pool of ClientWorker actors placed with a Ray placement group.
+
+Hundreds of virtual clients share a few resident workers (an idle actor costs
+~185 MB with torch imported, so never one actor per client). Each round the
+cohort is split into per-worker shards by longest-processing-time on the
+clients' example counts, so the slowest shard is as short as the data allow.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.worker import ClientWorker, Engine
+from aggregation.errors import ConfigError
+from aggregation.messages import ClientInstructions
+
+
+def shard_by_size(sizes: Sequence[int], num_workers: int) -> list[list[int]]:
+    """Positions of ``sizes`` split into ``num_workers`` shards, largest first onto the least loaded.
+
+    Deterministic (ties broken by worker index), so the same cohort always maps the same way.
+    """
+    heap = [(0, w) for w in range(num_workers)]
+    shards: list[list[int]] = [[] for _ in range(num_workers)]
+    for pos in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, w = heapq.heappop(heap)
+        shards[w].append(pos)
+        heapq.heappush(heap, (load + sizes[pos], w))
+    return shards
+
+
+def resolve_num_workers(requested: int, *, cpus_per_worker: float, gpus_per_worker: float, reserve_cpus: float = 0.0) -> int:
+    """Workers that fit the cluster's resources; raise ConfigError naming the numbers if they do not."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0) - reserve_cpus, total.get("GPU", 0.0)
+    fit = int(cpus // cpus_per_worker)
+    if gpus_per_worker > 0:
+        fit = min(fit, int(round(gpus / gpus_per_worker, 6)))
+    if requested == 0:
+        if fit < 1:
+            raise ConfigError(
+                f"workers: no worker fits: {cpus:g} CPUs / {gpus:g} GPUs available, "
+                f"each worker asks {cpus_per_worker:g} CPUs / {gpus_per_worker:g} GPUs"
+            )
+        return fit
+    if requested > fit:
+        raise ConfigError(
+            f"workers.num_workers: {requested} workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU) "
+            f"do not fit {cpus:g} CPUs / {gpus:g} GPUs; at most {fit}"
+        )
+    return requested
+
+
+class WorkerPool:
+    """Creates the workers inside one placement group and dispatches clients to them."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        *,
+        num_workers: int,
+        cpus_per_worker: float,
+        gpus_per_worker: float,
+        ready_timeout_s: float = 600.0,
+    ) -> None:
+        bundle: dict[str, float] = {"CPU": cpus_per_worker}
+        if gpus_per_worker > 0:
+            bundle["GPU"] = gpus_per_worker
+        self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
+        ready, _ = ray.wait([self._pg.ready()], timeout=ready_timeout_s)
+        if not ready:
+            remove_placement_group(self._pg)
+            raise ConfigError(f"workers: {num_workers} bundles of {bundle} could not be placed within {ready_timeout_s:.0f} s")
+        self.workers = [
+            ClientWorker.options(
+                num_cpus=cpus_per_worker,
+                num_gpus=gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=i
+                ),
+            ).remote(engine_factory, i)
+            for i in range(num_workers)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def describe(self) -> Any:
+        """Layout and initial payload from the first worker (all workers build the same)."""
+        return ray.get(self.workers[0].describe.remote())
+
+    def submit(
+        self,
+        payload_ref: ray.ObjectRef,
+        instructions: Sequence[ClientInstructions],
+        indices: Sequence[np.ndarray],
+    ) -> list[ray.ObjectRef]:
+        """Queue each client on a worker; return the update refs in cohort order."""
+        refs: list[ray.ObjectRef | None] = [None] * len(instructions)
+        for w, shard in enumerate(shard_by_size([len(ix) for ix in indices], len(self.workers))):
+            for pos in shard:
+                refs[pos] = self.workers[w].train.remote(indices[pos], payload_ref, instructions[pos])
+        return [r for r in refs if r is not None]
+
+    def evaluate(self, payload_ref: ray.ObjectRef, chunks: Sequence[tuple[int, int]]) -> list[Any]:
+        """Evaluate fixed test chunks spread over the workers; results in chunk order."""
+        n = len(self.workers)
+        parts = [list(chunks[w::n]) for w in range(n)]
+        refs = [self.workers[w].evaluate.remote(payload_ref, parts[w]) for w in range(n) if parts[w]]
+        results = ray.get(refs)
+        out: list[Any] = [None] * len(chunks)
+        for w, res in enumerate(results):
+            for j, r in enumerate(res):
+                out[w + j * n] = r
+        return out
+
+    def memory(self) -> list[dict[str, float]]:
+        return ray.get([w.memory.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self._pg)
+
+
+def count_finished(refs: Sequence[ray.ObjectRef], timeout_s: float = 0.0) -> int:
+    """How many of ``refs`` have finished, waiting at most ``timeout_s`` for all (nothing is fetched)."""
+    if not refs:
+        return 0
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s, fetch_local=False)
+    return len(ready)

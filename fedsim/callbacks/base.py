@@ -1,0 +1,33 @@
+"""The callback hooks the driver calls; callbacks never edit the algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished round: its table row and its per-client rows."""
+
+    round_idx: int
+    row: dict[str, Any]
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Callback:
+    """Base class with no-op hooks (pfl's shape: begin, after each round, end)."""
+
+    def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
+        """Called once before round 1."""
+
+    def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
+        """Called after each round; returns (stop, extra metrics for the row)."""
+        return False, {}
+
+    def on_client_progress(self, *, round_idx: int, done: int, total: int) -> None:
+        """Called while a round's clients finish."""
+
+    def on_run_end(self, *, status: str) -> None:
+        """Called once at the end, with "completed" or "failed"."""

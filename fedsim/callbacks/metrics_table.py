@@ -1,0 +1,47 @@
+"""Round and client tables of a run, written as parquet and csv after every round.
+
+Rewriting both small tables each round keeps what is on disk complete up to
+the last finished round, even if the run dies in the next one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.callbacks.base import Callback, RoundRecord
+
+
+class MetricsTable(Callback):
+    """Collects ``rounds`` (one row per round) and ``clients`` (one row per client-round)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []
+        self.run_dir: Path | None = None
+
+    def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
+        self.run_dir = run_dir
+
+    def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
+        self.rounds.append(dict(record.row))
+        self.clients.extend({"round": record.round_idx, **c} for c in record.clients)
+        self.write()
+        return False, {}
+
+    def rounds_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rounds)
+
+    def clients_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.clients)
+
+    def write(self) -> None:
+        if self.run_dir is None:
+            return
+        for name, frame in (("rounds", self.rounds_frame()), ("clients", self.clients_frame())):
+            tmp = self.run_dir / f".{name}.parquet.tmp"
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(self.run_dir / f"{name}.parquet")
+            frame.to_csv(self.run_dir / f"{name}.csv", index=False)

@@ -1,0 +1,209 @@
+"""The run configuration: one typed object, validated at load time.
+
+YAML plus dotted ``key.sub=value`` overrides are merged, then validated by
+pydantic with unknown keys forbidden, so a typo fails at once with a one-line
+``ConfigError`` naming the dotted field instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aggregation.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PretrainConfig(_Section):
+    """Causal-LM pretraining of the base when no checkpoint is given (cached by hash)."""
+
+    steps: int = Field(3000, ge=0, description="optimiser steps; 0 keeps the random init")
+    batch_size: int = Field(16, ge=1)
+    block_size: int = Field(96, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    tokenizer_vocab: int = Field(4096, ge=300, description="BPE vocabulary trained on the corpus")
+    seed: int = Field(0, description="seed of the base's init and pretraining (not the run seed)")
+
+
+class ModelConfig(_Section):
+    family: str = Field("mixtral", description="transformers model_type: mixtral | qwen3_moe")
+    pretrained: str | None = Field(None, description="hub id or local directory; None builds from this config")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=4)
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    max_position: int = Field(256, ge=16)
+    pretrain: PretrainConfig = PretrainConfig()
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        return self
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    attention: bool = True
+    experts: bool = True
+
+
+class DataConfig(_Section):
+    source: str = Field("gensim_topics", description="gensim_topics | synthetic | local .json/.jsonl/.csv/.parquet | hub name")
+    text_field: str = "text"
+    label_field: str = "label"
+    num_clients: int = Field(10, ge=1)
+    partition: Literal["iid", "dirichlet", "pathological", "natural"] = "dirichlet"
+    alpha: float = Field(0.1, gt=0, description="Dirichlet concentration")
+    labels_per_client: int = Field(2, ge=1, description="pathological partition: labels per client")
+    min_examples: int = Field(8, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = Field(0, description="seed of the train/test split by document (not the run seed)")
+    max_length: int = Field(64, ge=8, description="tokens per example, prompt and label word included")
+    synthetic_docs_per_label: int = Field(60, ge=2)
+
+
+class TrainConfig(_Section):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="caps the steps per client when set")
+    batch_size: int = Field(16, ge=1)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    routing_stats: bool = Field(True, description="one no-grad pass after training to collect RoutingStats")
+
+
+class StrategyConfig(_Section):
+    name: Literal["fedavg", "fedprox"] = "fedavg"
+    prox_mu: float = Field(0.01, ge=0, description="FedProx μ")
+
+
+class WorkersConfig(_Section):
+    num_workers: int = Field(0, ge=0, description="0: as many as the CPUs (or GPUs) allow")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="fractional values pack workers on one GPU")
+    ray_address: str | None = Field(None, description="None starts an embedded local Ray")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class FaultsConfig(_Section):
+    """Fault injection for testing failure handling: these clients raise in these rounds."""
+
+    fail_clients: list[int] = Field(default_factory=list)
+    fail_rounds: list[int] = Field(default_factory=list, description="empty: every round")
+
+
+class RunConfig(_Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    out_dir: str = "runs"
+    cache_dir: str = ".cache/fedsim"
+    progress: bool = True
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    workers: WorkersConfig = WorkersConfig()
+    eval: EvalConfig = EvalConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+    @model_validator(mode="after")
+    def _cohort(self) -> RunConfig:
+        if self.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
+            )
+        return self
+
+    def digest(self, *sections: str) -> str:
+        """Short hash of the named sections (all when none), for cache keys."""
+        dumped = self.model_dump(mode="json")
+        chosen = {k: dumped[k] for k in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``a.b=value`` strings to (path, YAML-parsed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    value = first.get("input")
+    shown = f" (got {value!r})" if first["type"] != "extra_forbidden" and not isinstance(value, dict) else ""
+    return f"{loc}: {msg}{shown}{more}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (if given), apply overrides, validate; raise ConfigError naming the field or file."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of keys")
+        tree = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

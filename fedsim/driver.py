@@ -1,0 +1,295 @@
+"""The round loop: sample, configure, dispatch, aggregate, evaluate, record.
+
+The driver runs where ``ray.init`` ran. It owns the sampler's RNG and the
+tables; the payload itself never passes through it: the aggregator returns
+the new global payload as an object ref that goes straight to the next
+round's workers, put in the object store once per round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import yaml
+
+from actors import Aggregator, RoundSummary, WorkerPool, count_finished, resolve_num_workers
+from aggregation.errors import FedsimError
+from aggregation.routing_stats import total_variation
+from fedsim.callbacks.base import Callback, RoundRecord
+from fedsim.callbacks.metrics_table import MetricsTable
+from fedsim.callbacks.progress import Progress
+from fedsim.config import RunConfig
+from fedsim.engine.torch_engine import TorchEngineSpec
+from fedsim.prepare import PreparedRun, prepare
+from fedsim.strategies import StrategyFactory
+
+log = logging.getLogger("fedsim")
+
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+HF_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class RunFailed(FedsimError):
+    """A round could not complete; the run directory is marked failed."""
+
+
+def client_seed(run_seed: int, round_idx: int, client_id: int) -> int:
+    """A client's training seed: a function of (run seed, round, client) only, never of the worker."""
+    return int(np.random.SeedSequence([run_seed, round_idx, client_id]).generate_state(1)[0])
+
+
+class ClientSampler:
+    """Uniform sampling without replacement from the run's own seeded Generator."""
+
+    def __init__(self, num_clients: int, per_round: int, seed: int) -> None:
+        self.num_clients, self.per_round = num_clients, per_round
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3]))
+
+    def sample(self) -> list[int]:
+        return sorted(int(c) for c in self.rng.choice(self.num_clients, self.per_round, replace=False))
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    rounds: Any  # pandas.DataFrame
+    clients: Any
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str]:
+    names = ["torch", "transformers", "peft", "ray", "datasets", "flwr-datasets", "pandas", "numpy", "deepspeed"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+def make_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    """``runs/<time>-<name>/`` unless ``out`` names it; refuses a directory that already holds a run."""
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.out_dir) / f"{stamp}-{cfg.name}"
+    else:
+        run_dir = Path(out)
+    if (run_dir / "status.json").exists():
+        raise FedsimError(f"--out: {run_dir} already holds a run; choose a new directory (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    tmp = run_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps({"status": status, "time": datetime.now().isoformat(timespec="seconds"), **extra}))
+    tmp.replace(run_dir / "status.json")
+
+
+def _attach_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _mean_pairwise_tv(p_bar: dict[int, list[np.ndarray]]) -> float:
+    """Mean over layers and client pairs of the total variation between routing distributions."""
+    ids = sorted(p_bar)
+    vals = [
+        total_variation(p_bar[a][layer], p_bar[b][layer])
+        for i, a in enumerate(ids)
+        for b in ids[i + 1 :]
+        for layer in range(len(p_bar[a]))
+    ]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def start_ray(cfg: RunConfig) -> bool:
+    """Attach to ``workers.ray_address`` or start an embedded local Ray; True if started here."""
+    for k, v in {**RAY_ENV, **HF_ENV}.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return False
+    if cfg.workers.ray_address:
+        ray.init(address=cfg.workers.ray_address, logging_level=logging.WARNING)
+        return False
+    ray.init(
+        num_cpus=cfg.workers.ray_num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {**RAY_ENV, **HF_ENV}},
+    )
+    return True
+
+
+def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callback] | None = None) -> RunResult:
+    """Run a whole federated job; returns the run directory and its tables."""
+    for k, v in HF_ENV.items():
+        os.environ.setdefault(k, v)
+    prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
+    run_dir = make_run_dir(cfg, out)
+    handler = _attach_log(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    manifest = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "git_commit": _git_commit(),
+        "partition_hash": prepared.partition_hash,
+        "config_digest": cfg.digest(),
+        "base_path": prepared.base_path,
+        "n_train": prepared.n_train,
+        "n_test": prepared.n_test,
+        "label_names": list(prepared.label_names),
+        "client_sizes": [int(len(p)) for p in prepared.partitions],
+        "versions": _versions(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _write_status(run_dir, "running")
+    table = MetricsTable()
+    cbs: list[Callback] = [table, Progress(enabled=cfg.progress), *(callbacks or [])]
+    started_ray = start_ray(cfg)
+    pool: WorkerPool | None = None
+    status = "failed"
+    try:
+        for cb in cbs:
+            cb.on_run_begin(run_dir=run_dir, total_rounds=cfg.rounds)
+        pool = _make_pool(cfg, prepared)
+        _loop(cfg, prepared, pool, cbs)
+        status = "completed"
+    except Exception as exc:
+        log.error("run failed: %s", exc)
+        _write_status(run_dir, "failed", error=str(exc))
+        raise
+    finally:
+        for cb in cbs:
+            cb.on_run_end(status=status)
+        if pool is not None:
+            pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+        log.removeHandler(handler)
+        handler.close()
+    _write_status(run_dir, "completed", rounds=cfg.rounds)
+    return RunResult(run_dir, table.rounds_frame(), table.clients_frame())
+
+
+def _make_pool(cfg: RunConfig, prepared: PreparedRun) -> WorkerPool:
+    w = cfg.workers
+    n = resolve_num_workers(w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+    spec = TorchEngineSpec(
+        base_path=prepared.base_path,
+        train_path=prepared.train_path,
+        test_path=prepared.test_path,
+        label_token_ids=prepared.label_token_ids,
+        lora=cfg.lora,
+        train=cfg.train,
+        threads=max(1, int(w.cpus_per_worker)),
+        lora_seed=cfg.seed,
+        device="cuda" if w.gpus_per_worker > 0 else "cpu",
+        faults=cfg.faults,
+    )
+    log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
+    return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+
+
+def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Callback]) -> None:
+    layout, initial = pool.describe()
+    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout)
+    payload_ref = ray.put(initial)
+    del initial
+    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
+    chunk = cfg.eval.batch_size
+    eval_chunks = [(lo, min(lo + chunk, prepared.n_test)) for lo in range(0, prepared.n_test, chunk)]
+    log.info("payload: %d values (%.2f MiB) in %d entries", layout.total, layout.nbytes / 2**20, len(layout))
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        cohort = sampler.sample()
+        log.info("round %d cohort %s", r, cohort)
+        instructions = ray.get(aggregator.configure.remote(r, cohort, [client_seed(cfg.seed, r, c) for c in cohort]))
+        refs = pool.submit(payload_ref, instructions, [prepared.partitions[c] for c in cohort])
+        new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs)
+        done = 0
+        while done < len(refs):
+            done = count_finished(refs, timeout_s=0.25)
+            for cb in cbs:
+                cb.on_client_progress(round_idx=r, done=done, total=len(refs))
+        summary: RoundSummary = ray.get(summary_ref)
+        del refs
+        if summary.failures:
+            for f in summary.failures:
+                log.error("round %d: %s", r, f)
+            raise RunFailed(f"round {r}: {len(summary.failures)} client(s) failed; first: {summary.failures[0]}")
+        payload_ref = new_ref
+        t_train = time.perf_counter() - t0
+        row = _round_row(r, cohort, summary, t_train, len(pool))
+        if r % cfg.eval.every == 0 or r == cfg.rounds:
+            t1 = time.perf_counter()
+            chunks = pool.evaluate(payload_ref, eval_chunks)
+            n = sum(c.count for c in chunks)
+            row["test_loss"] = sum(c.loss_sum for c in chunks) / n
+            row["test_accuracy"] = sum(c.correct for c in chunks) / n
+            row["eval_wall_s"] = time.perf_counter() - t1
+        row["wall_s"] = time.perf_counter() - t0
+        row["driver_peak_rss_mib"] = _peak_rss_mib()
+        record = RoundRecord(r, row, summary.clients)
+        stop = False
+        for cb in cbs:
+            s, extra = cb.after_round(record)
+            row.update(extra)
+            stop = stop or s
+        log.info("round %d: %s", r, {k: row[k] for k in ("train_loss", "test_accuracy") if k in row})
+        if stop:
+            break
+
+
+def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, workers: int) -> dict[str, Any]:
+    clients = s.clients
+    n = sum(c["n_examples"] for c in clients)
+    compute = sum(c["compute_s"] for c in clients)
+    return {
+        "round": r,
+        "test_loss": float("nan"),
+        "test_accuracy": float("nan"),
+        "train_loss": sum(c["train_loss"] * c["n_examples"] for c in clients) / n if n else float("nan"),
+        "clients_sampled": len(cohort),
+        "clients_completed": len(clients),
+        "examples": n,
+        "bytes_down": sum(c["bytes_down"] for c in clients),
+        "bytes_up": sum(c["bytes_up"] for c in clients),
+        "routing_tv": _mean_pairwise_tv(s.routing_p_bar),
+        "compute_s_sum": compute,
+        "train_wall_s": train_wall,
+        "overhead_ratio": train_wall / (compute / workers) if compute else float("nan"),
+        "eval_wall_s": 0.0,
+        "wall_s": 0.0,
+        "aggregator_peak_rss_mib": s.aggregator_peak_rss_mib,
+        "driver_peak_rss_mib": 0.0,
+    }

@@ -1,0 +1,184 @@
+"""The ``torch`` engine: trains one virtual client at a time on a resident HF MoE model + peft LoRA.
+
+A worker builds this engine once; per client it only overwrites the trainable
+slots in place from the round's global payload, trains, and reads the slots
+back as a flat delta. No model is rebuilt per client and no per-client copy is
+kept. Every random choice is drawn from the client's own seed, so a client's
+update does not depend on which worker ran it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aggregation.errors import ClientFailure
+from aggregation.messages import ClientInstructions, ClientUpdate
+from aggregation.payload import PayloadLayout
+from aggregation.routing_stats import RoutingStats
+from fedsim.config import FaultsConfig, LoraConfig, TrainConfig
+from fedsim.data.encoded import EncodedBatch, EncodedSplit
+from fedsim.models import RoutingRecorder, apply_lora, build_layout, load_pretrained, read_payload, write_payload
+
+
+@dataclass(frozen=True)
+class TorchEngineSpec:
+    """Picklable recipe for a worker's engine: paths, not tensors, so it is cheap to ship."""
+
+    base_path: str
+    train_path: str
+    test_path: str
+    label_token_ids: tuple[int, ...]
+    lora: LoraConfig
+    train: TrainConfig
+    threads: int = 1
+    lora_seed: int = 0
+    device: str = "cpu"
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+    def __call__(self) -> TorchEngine:
+        return TorchEngine(self)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalChunk:
+    """Summed evaluation of one fixed chunk of the test set (chunks are summed in order)."""
+
+    loss_sum: float
+    correct: int
+    count: int
+
+
+class TorchEngine:
+    """One resident model; ``train`` runs one client, ``evaluate`` scores test chunks."""
+
+    def __init__(self, spec: TorchEngineSpec) -> None:
+        # One thread per CPU the worker holds: oversubscribed threads ran 17x slower here.
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        base = load_pretrained(spec.base_path)
+        torch.manual_seed(spec.lora_seed)  # identical LoRA init on every worker
+        self.model = apply_lora(
+            base,
+            rank=spec.lora.rank,
+            alpha=spec.lora.alpha,
+            dropout=spec.lora.dropout,
+            lora_attention=spec.lora.attention,
+            lora_experts=spec.lora.experts,
+        ).to(self.device)
+        self.layout: PayloadLayout = build_layout(self.model)
+        self.initial_payload = read_payload(self.model, self.layout)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.train_split = EncodedSplit.load(spec.train_path)
+        self.test_split = EncodedSplit.load(spec.test_path)
+        self.label_token_ids = torch.tensor(spec.label_token_ids, dtype=torch.long, device=self.device)
+        self._body = self.model.get_base_model()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _label_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at each example's label position [B, V] (lm_head on B rows only)."""
+        hidden = self._body.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self._body.lm_head(hidden[rows, label_pos])
+
+    def _tensors(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
+        to = self.device
+        return tuple(
+            torch.from_numpy(a).to(to)
+            for a in (batch.input_ids, batch.attention_mask, batch.label_pos, batch.label_token, batch.label)
+        )
+
+    # -- client training -------------------------------------------------------------------------
+    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate:
+        """Train client ``instructions.client_id`` on its rows ``indices`` starting from ``payload``."""
+        cid, rnd = instructions.client_id, instructions.round_idx
+        start = time.perf_counter()
+        faults = self.spec.faults
+        if cid in faults.fail_clients and (not faults.fail_rounds or rnd in faults.fail_rounds):
+            raise ClientFailure(cid, rnd, "injected fault (faults.fail_clients)")
+        if len(indices) == 0:
+            raise ClientFailure(cid, rnd, "client has no training examples")
+
+        write_payload(self.model, self.layout, payload)
+        cfg = self.spec.train
+        gen = torch.Generator().manual_seed(instructions.seed)
+        torch.manual_seed(instructions.seed)  # dropout
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        anchor = [p.detach().clone() for p in self.trainable] if instructions.prox_mu > 0 else None
+
+        self.model.train()
+        loss_sum, seen, steps = 0.0, 0, 0
+        n = len(indices)
+        data = self.train_split.take(indices)  # this client's rows only, read once
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=gen).numpy()
+            for lo in range(0, n, cfg.batch_size):
+                if cfg.local_steps is not None and steps >= cfg.local_steps:
+                    break
+                ids, mask, pos, tok, _ = self._tensors(data.rows(order[lo : lo + cfg.batch_size]))
+                loss = F.cross_entropy(self._label_logits(ids, mask, pos), tok)
+                total = loss
+                if anchor is not None:
+                    # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, anchor, strict=True))
+                    total = loss + 0.5 * instructions.prox_mu * prox
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+                optimizer.step()
+                if not torch.isfinite(loss):
+                    raise ClientFailure(cid, rnd, f"training loss became {loss.item()} at step {steps}")
+                loss_sum += loss.item() * len(ids)
+                seen += len(ids)
+                steps += 1
+
+        routing = self._routing_stats(data) if cfg.routing_stats else ()
+        delta = read_payload(self.model, self.layout)
+        np.subtract(delta, payload, out=delta)
+        down = self.layout.role_bytes()
+        up = dict(down)
+        up["routing_stats"] = sum(s.nbytes for s in routing)
+        return ClientUpdate(
+            client_id=cid,
+            round_idx=rnd,
+            n_examples=n,
+            delta=delta,
+            routing=routing,
+            metrics={"train_loss": (loss_sum, float(seen))},
+            compute_seconds=time.perf_counter() - start,
+            bytes_down=down,
+            bytes_up=up,
+        )
+
+    @torch.no_grad()
+    def _routing_stats(self, data: EncodedBatch) -> tuple[RoutingStats, ...]:
+        """Spec: one no-grad pass over the client's training data after local training."""
+        self.model.eval()
+        bs = self.spec.train.batch_size * 2
+        with RoutingRecorder(self.model) as recorder:
+            for lo in range(0, len(data), bs):
+                ids, mask, _, _, _ = self._tensors(data.rows(np.arange(lo, min(lo + bs, len(data)))))
+                recorder.set_mask(mask)
+                self._body.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return recorder.stats()
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[EvalChunk]:
+        """Loss and accuracy on test rows [lo, hi) of each chunk; accuracy by argmax over the label words."""
+        write_payload(self.model, self.layout, payload)
+        self.model.eval()
+        out = []
+        for lo, hi in chunks:
+            ids, mask, pos, tok, label = self._tensors(self.test_split.take(np.arange(lo, hi)))
+            logits = self._label_logits(ids, mask, pos)
+            loss = F.cross_entropy(logits, tok, reduction="sum").item()
+            pred = logits[:, self.label_token_ids].argmax(dim=-1)
+            out.append(EvalChunk(loss, int((pred == label).sum().item()), hi - lo))
+        return out

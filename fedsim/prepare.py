@@ -1,0 +1,191 @@
+"""Everything a run needs before any actor starts: base model, tokenizer, encoded data, partitions.
+
+Expensive products (a pretrained base, an encoded split) are cached under
+``cache_dir`` keyed by a hash of exactly the settings that shape them, written
+to a temporary directory first and renamed into place, so a second run reuses
+them and an interrupted one never leaves a half-written cache entry behind.
+Workers later read the same paths: the base through ``from_pretrained``, the
+encoded splits memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from aggregation.errors import ConfigError
+from fedsim.config import RunConfig
+from fedsim.data import (
+    LABEL_NAMES,
+    TopicTask,
+    load_text_dataset,
+    load_topic_corpus,
+    make_synthetic_corpus,
+    partition,
+    partition_hash,
+    split_by_document,
+    train_bpe_tokenizer,
+)
+from fedsim.models import build_model
+from fedsim.models.pretrain import pretrain_causal_lm
+
+log = logging.getLogger("fedsim")
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """Paths and partitions a run is built from (all picklable and small)."""
+
+    base_path: str
+    train_path: str
+    test_path: str
+    label_names: tuple[str, ...]
+    label_token_ids: tuple[int, ...]
+    partitions: tuple[np.ndarray, ...]
+    partition_hash: str
+    n_train: int
+    n_test: int
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``path``, building it first (into a temp dir renamed into place) if absent."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        build(tmp)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """The labelled corpus the config names, with its label names."""
+    d = cfg.data
+    if d.source == "gensim_topics":
+        return load_topic_corpus(), tuple(LABEL_NAMES)
+    if d.source == "synthetic":
+        ds = make_synthetic_corpus(docs_per_label=d.synthetic_docs_per_label, words_per_doc=40, seed=d.split_seed)
+        return ds, tuple(LABEL_NAMES[: len(set(ds["label"]))])
+    ds = load_text_dataset(d.source, text_field=d.text_field, label_field=d.label_field)
+    names = ds.info.features["label"].names if hasattr(ds.features.get("label"), "names") else None
+    labels = sorted(set(ds["label"]))
+    return ds, tuple(names) if names else tuple(f"label{i}" for i in labels)
+
+
+def _base_key(cfg: RunConfig) -> str:
+    m = cfg.model.model_dump(mode="json")
+    m.pop("pretrained")
+    d = cfg.data
+    return _digest({"model": m, "source": d.source, "split_seed": d.split_seed, "test_fraction": d.test_fraction})
+
+
+def prepare_base(cfg: RunConfig, train_texts: list[str], label_names: tuple[str, ...]) -> Path:
+    """Directory holding the base model and tokenizer (``save_pretrained`` layout)."""
+    if cfg.model.pretrained:
+        path = Path(cfg.model.pretrained)
+        if not path.exists() and (path.is_absolute() or cfg.model.pretrained.startswith(".")):
+            raise ConfigError(f"model.pretrained: directory not found: {path}")
+        return path
+    m = cfg.model
+    key = f"base-{m.family}-{_base_key(cfg)}"
+
+    def build(tmp: Path) -> None:
+        log.info("building base %s: tokenizer and %d pretraining steps", key, m.pretrain.steps)
+        tokenizer = train_bpe_tokenizer(train_texts, vocab_size=m.pretrain.tokenizer_vocab, label_words=label_names)
+        model = build_model(
+            m.family,
+            vocab_size=len(tokenizer),
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            intermediate_size=m.intermediate_size,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            max_position=m.max_position,
+            seed=m.pretrain.seed,
+        )
+        if m.pretrain.steps > 0:
+            torch.set_num_threads(os.cpu_count() or 1)
+            task = TopicTask(tokenizer, list(label_names), cfg.data.max_length)
+            blocks = task.encode_for_lm(train_texts, m.pretrain.block_size)
+            pretrain_causal_lm(
+                model,
+                blocks,
+                steps=m.pretrain.steps,
+                batch_size=m.pretrain.batch_size,
+                lr=m.pretrain.lr,
+                warmup_steps=m.pretrain.warmup_steps,
+                seed=m.pretrain.seed,
+                show_progress=cfg.progress,
+            )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _cached(Path(cfg.cache_dir) / key, build)
+
+
+def _encode(task: TopicTask, ds: datasets.Dataset) -> datasets.Dataset:
+    return ds.map(task.encode, batched=True, remove_columns=ds.column_names, desc=None)
+
+
+def prepare(cfg: RunConfig) -> PreparedRun:
+    """Build or reuse the base and the encoded splits, and partition the training split."""
+    raw, label_names = load_raw(cfg)
+    train, test = split_by_document(raw, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+    base = prepare_base(cfg, list(train["text"]), label_names)
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
+    except OSError as exc:
+        raise ConfigError(f"model.pretrained: no tokenizer could be loaded from {base}: {str(exc).splitlines()[0]}") from None
+    task = TopicTask(tokenizer, list(label_names), cfg.data.max_length)
+    data_key = _digest({"base": str(base.resolve()), "split": _base_key(cfg), "max_length": cfg.data.max_length,
+                        "fields": [cfg.data.text_field, cfg.data.label_field]})
+    data_dir = Path(cfg.cache_dir) / f"data-{data_key}"
+
+    def build(tmp: Path) -> None:
+        _encode(task, train).save_to_disk(str(tmp / "train"))
+        _encode(task, test).save_to_disk(str(tmp / "test"))
+
+    _cached(data_dir, build)
+    parts = partition(
+        train,
+        scheme=cfg.data.partition,
+        num_clients=cfg.data.num_clients,
+        seed=cfg.seed,
+        alpha=cfg.data.alpha,
+        labels_per_client=cfg.data.labels_per_client,
+        min_examples=cfg.data.min_examples,
+    )
+    return PreparedRun(
+        base_path=str(base),
+        train_path=str(data_dir / "train"),
+        test_path=str(data_dir / "test"),
+        label_names=label_names,
+        label_token_ids=tuple(int(t) for t in task.label_token_ids.tolist()),
+        partitions=tuple(parts),
+        partition_hash=partition_hash(parts),
+        n_train=len(train),
+        n_test=len(test),
+    )
+

@@ -1,0 +1,23 @@
+"""Strategy registry: config name → a picklable factory the aggregator actor calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aggregation.fedavg import FedAvg
+from aggregation.fedprox import FedProx
+from aggregation.payload import PayloadLayout
+from aggregation.strategy import Strategy
+from fedsim.config import StrategyConfig
+
+
+@dataclass(frozen=True)
+class StrategyFactory:
+    """Builds the configured strategy once the payload layout is known (inside the aggregator)."""
+
+    config: StrategyConfig
+
+    def __call__(self, layout: PayloadLayout) -> Strategy:
+        if self.config.name == "fedprox":
+            return FedProx(layout, mu=self.config.prox_mu)
+        return FedAvg(layout)
