@@ -40,6 +40,7 @@ class FedProx(Strategy):
         self._mean.add(u.client_id, reader.read(0, self.layout.total), u.n_examples)
 
     def finish(self) -> RoundResult:
-        assert self._global is not None, "finish() before begin()"
+        if self._global is None:
+            raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
         weights = self._mean.normalised_weights()
         return RoundResult(self._mean.apply(self._global), {"n_aggregated": float(len(weights))}, weights)

@@ -157,12 +157,11 @@ class PayloadLayout:
         return self._router_spans[layer]
 
     def role_bytes(self) -> dict[str, int]:
-        """Bytes per payload class: shared, router, and one class per expert ("expert/L{l}/E{e}")."""
+        """Bytes per payload class ("shared", "router", "expert")."""
         itemsize = np.dtype(PAYLOAD_DTYPE).itemsize
         out: dict[str, int] = {}
         for e in self.entries:
-            k = e.role if e.role != "expert" else "expert"
-            out[k] = out.get(k, 0) + e.size * itemsize
+            out[e.role] = out.get(e.role, 0) + e.size * itemsize
         return out
 
     def zeros(self) -> np.ndarray:
@@ -170,7 +169,9 @@ class PayloadLayout:
 
     def check(self, buffer: np.ndarray, *, what: str) -> None:
         """Raise LayoutMismatch naming ``what`` unless ``buffer`` fits this layout."""
-        if buffer.ndim != 1 or buffer.shape[0] != self.total:
+        if buffer.ndim != 1:
+            raise LayoutMismatch(f"{what}: has shape {buffer.shape}, layout expects a flat buffer of {self.total}")
+        if buffer.shape[0] != self.total:
             raise LayoutMismatch(f"{what}: has {buffer.size} values, layout expects {self.total}")
         if buffer.dtype != PAYLOAD_DTYPE:
             raise LayoutMismatch(f"{what}: dtype {buffer.dtype}, layout expects {np.dtype(PAYLOAD_DTYPE)}")

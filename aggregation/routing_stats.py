@@ -50,6 +50,8 @@ class RoutingStats:
         )
 
     def __add__(self, other: Self) -> Self:
+        if self.x_sum.shape != other.x_sum.shape:
+            raise ValueError(f"cannot add RoutingStats of shapes {self.x_sum.shape} and {other.x_sum.shape}")
         # Field by field, not dataclasses.astuple (which deep-copies the arrays).
         return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 

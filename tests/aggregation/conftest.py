@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-# tests/conftest.py puts tests/ on sys.path (pytest's prepend mode), where the folder
-# tests/aggregation/ would be imported as a namespace package named `aggregation` in
-# place of the real one unless the repository root is on sys.path too (as it is under
-# `python -m pytest`, not under `.venv/bin/pytest`).
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from aggregation import ArrayReader, ClientUpdate, EntrySpec, PayloadLayout  # noqa: E402
+from aggregation import ArrayReader, ClientUpdate, EntrySpec, PayloadLayout
 
 
 def _make_reader(client_id: int, round_idx: int, n_examples: int, delta: Sequence[float] | np.ndarray) -> ArrayReader:

@@ -1,0 +1,68 @@
+"""Config loading: YAML + dotted overrides, one-line errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregation.errors import ConfigError
+from fedsim.config import load_config
+
+
+def test_load_config_applies_dotted_overrides(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 3\nmodel:\n  family: mixtral\n")
+    # Execute
+    cfg = load_config(path, ["rounds=5", "strategy.name=fedprox", "data.alpha=1.0", "train.local_steps=null"])
+    # Assert
+    assert cfg.rounds == 5
+    assert cfg.strategy.name == "fedprox"
+    assert cfg.data.alpha == 1.0
+    assert cfg.train.local_steps is None
+    assert cfg.model.family == "mixtral"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("rounds=0", "rounds"),
+        ("roundz=3", "roundz"),
+        ("strategy.name=fedfoo", "strategy.name"),
+        ("data.alpha=-1", "data.alpha"),
+        ("model.top_k=9", "model"),
+        ("train.lr=abc", "train.lr"),
+        ("clients_per_round=50", "clients_per_round"),
+    ],
+)
+def test_load_config_rejects_bad_value_naming_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(field) or f" {field}" in message or field in message.split(":")[0]
+    assert "\n" not in message
+
+
+def test_load_config_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_load_config_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("rounds: 3\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+"):
+        load_config(path)
+
+
+def test_load_config_override_without_equals_rejected() -> None:
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["rounds"])
+
+
+def test_digest_changes_with_section_value() -> None:
+    a = load_config(None, ["model.hidden_size=64", "model.num_heads=4"])
+    b = load_config(None, ["model.hidden_size=128"])
+    assert a.digest("model") != b.digest("model")
+    assert a.digest("data") == b.digest("data")
