@@ -1,0 +1,89 @@
+"""LoRA on attention and fused experts, with the routers trained in full.
+
+What peft 0.21 does with a fused expert tensor (``target_parameters``): a
+``ParamWrapper`` wraps the experts module (one wrapper per targeted tensor,
+nested: ``experts`` → ``experts.base_layer`` → the experts module) and keeps
+all experts' factors in two ``nn.Linear`` weights, stacked along the rank
+axis. For a parameter [E, d_out, d_in] (transformers stores expert weights
+as out × in, e.g. ``gate_up_proj`` [E, 2I, H]):
+
+- ``lora_A`` weight [r·E, d_in]: expert-major, expert e owns rows e·r … (e+1)·r − 1;
+- ``lora_B`` weight [d_out, r·E]: expert-minor, expert e owns columns e, e + E, …,
+  e + (r−1)·E (peft reads it as ``B.reshape(d_out, r, E)[:, :, e]``);
+- ΔW_e = (α / r) · B_e A_e, with A_e [r, d_in], B_e [d_out, r].
+
+The payload layout (``fedsim.models.layout``) splits both along these axes.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+from transformers import PreTrainedModel
+
+from aggregation.errors import ConfigError
+from fedsim.models.registry import family_of
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    lora_attention: bool = True,
+    lora_experts: bool = True,
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters and make its routers trainable.
+
+    Trainable afterwards: the attention LoRA factors (if ``lora_attention``),
+    the stacked expert LoRA factors (if ``lora_experts``) and every router's
+    parameters in full; every other weight is frozen.
+
+    The routers are made trainable by setting ``requires_grad`` on their own
+    parameters, not through peft's ``modules_to_save``: that would swap each
+    router for a wrapper holding a trainable copy, renaming the parameter
+    and keeping a second, stale copy. The price is that peft's
+    ``save_pretrained`` does not store router weights; fedsim saves trainable
+    state through the payload buffer instead.
+
+    Parameters
+    ----------
+    rank, alpha : int, float
+        LoRA rank r and scale α (the update is scaled by α / r).
+    dropout : float
+        Dropout on the attention adapters' input. peft cannot drop out the
+        input of a fused-expert adapter (it folds B·A into the weight before
+        the experts run), so the experts' adapters get none.
+    seed : int
+        Seeds the factors' initialisation (a forked RNG; the caller's RNG
+        state is untouched). B starts at zero, so the wrapped model computes
+        what ``model`` did.
+    """
+    spec = family_of(model)
+    if not (lora_attention or lora_experts):
+        raise ConfigError("model.lora: lora_attention and lora_experts are both off, nothing to adapt")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout: {dropout} is outside [0, 1)")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,  # set per attention adapter below; ParamWrapper rejects any other value
+        target_modules=list(spec.attention_projections) if lora_attention else None,
+        target_parameters=list(spec.target_parameters) if lora_experts else None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    if dropout > 0.0:
+        for module in peft_model.modules():
+            if isinstance(module, LoraLinear):
+                for adapter in module.lora_dropout:
+                    module.lora_dropout[adapter] = nn.Dropout(p=dropout)
+    for router in spec.routers(peft_model):
+        for param in router.parameters():
+            param.requires_grad_(True)
+    return peft_model

@@ -1,0 +1,163 @@
+"""Routing statistics and router probabilities, observed through forward hooks.
+
+One mechanism for every family: a forward hook on each MoE layer's router
+module (found through the family spec) sees the router's input x [tokens, H]
+and its logits (the router's output, or its first element when the router
+returns ``(logits, top-k weights, top-k indices)`` as in transformers 5.x),
+so no model code is patched and any forward pass (training, evaluation,
+``generate``) can be observed.
+
+Statistics (spec ../shared/spec/fedalign_moe.md, "What a client computes and
+uploads"), over the non-padding tokens only, with p(x) = softmax(W_g x):
+
+- p_sum(e)      = Σ_x p_e(x)
+- counts(e)     = #{x : e ∈ K(x)},                      K(x) = top-k of p(x)
+- margin_sum(e) = Σ_{x : e∈K(x)} p_e(x) − max_{e'∉K(x)} p_{e'}(x)   (max of nothing = 0, when k = E)
+- x_sum(e)      = Σ_{x : e∈K(x)} x
+
+Sums are kept in float64 on the model's device and leave it only in ``stats()``.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from aggregation.routing_stats import RoutingStats
+from fedsim.models.registry import family_of
+
+
+class _LayerSums:
+    """Running sums of one MoE layer (the fields of RoutingStats, as device tensors)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, device: torch.device) -> None:
+        self.n_tokens = 0
+        self.p_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.margin_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.x_sum = torch.zeros(num_experts, hidden_size, dtype=torch.float64, device=device)
+
+    def to_stats(self) -> RoutingStats:
+        """The sums as host numpy arrays."""
+
+        def host(t: torch.Tensor) -> np.ndarray:
+            return t.cpu().numpy()
+
+        return RoutingStats(self.n_tokens, host(self.p_sum), host(self.counts), host(self.margin_sum), host(self.x_sum))
+
+
+class RoutingRecorder:
+    """Records routing statistics (and optionally router probabilities) of a model's forward passes.
+
+    Use as a context manager: the hooks are registered on entry and removed
+    on exit. Set the batch's attention mask before each forward pass; without
+    one, every token counts.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model of a known family, plain or peft-wrapped.
+    keep_probs : bool
+        Keep, for the latest forward pass, each MoE layer's router
+        probabilities [tokens, E] with their autograd graph (``probs``), for a
+        regulariser on the routing. They are replaced when the next forward
+        pass reaches the first MoE layer.
+    collect_stats : bool
+        Accumulate the routing statistics. Off, the recorder only keeps
+        probabilities (e.g. during training, when statistics come from a
+        separate no-grad pass).
+
+    Attributes
+    ----------
+    probs : list of Tensor
+        One float32 [tokens, E] tensor per MoE layer of the latest forward pass,
+        in layer order, over all tokens (padding included: select with ``mask``).
+    mask : Tensor or None
+        The flattened boolean attention mask [tokens] last set (True = real token).
+
+    Notes
+    -----
+    Every call of a router fires its hook, so a gradient-checkpointed
+    layer, recomputed in the backward pass, would be counted twice.
+    """
+
+    def __init__(self, model: nn.Module, *, keep_probs: bool = False, collect_stats: bool = True) -> None:
+        spec = family_of(model)
+        config: Any = model.config
+        self._routers = spec.routers(model)
+        self._top_k = spec.top_k(config)
+        self._num_experts = spec.num_experts(config)
+        self._hidden_size = int(config.hidden_size)
+        self._device = next(self._routers[0].parameters()).device
+        self._keep_probs = keep_probs
+        self._collect_stats = collect_stats
+        self._handles: list[RemovableHandle] = []
+        self._sums: list[_LayerSums] = []
+        self.probs: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None
+        self.reset()
+
+    def __enter__(self) -> Self:
+        for layer, router in enumerate(self._routers):
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Mark the padding of the next batch: [batch, seq] with 1 for real tokens, or None for none."""
+        self.mask = None if attention_mask is None else attention_mask.reshape(-1).to(self._device, torch.bool)
+
+    def reset(self) -> None:
+        """Forget the accumulated statistics."""
+        self._sums = [_LayerSums(self._num_experts, self._hidden_size, self._device) for _ in self._routers]
+
+    def stats(self) -> tuple[RoutingStats, ...]:
+        """Statistics accumulated since creation or ``reset``, one per MoE layer, in layer order."""
+        return tuple(s.to_stats() for s in self._sums)
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            logits = output[0] if isinstance(output, tuple) else output
+            probs = torch.softmax(logits.float(), dim=-1)  # as the routers do: top-k is taken on float32 p
+            if self._keep_probs:
+                if layer == 0:
+                    self.probs = []
+                self.probs.append(probs)
+            if self._collect_stats:
+                hidden = args[0]
+                with torch.no_grad():
+                    self._accumulate(layer, hidden.reshape(-1, hidden.shape[-1]), probs.detach())
+
+        return hook
+
+    def _accumulate(self, layer: int, x: torch.Tensor, p: torch.Tensor) -> None:
+        """Add one batch's tokens x [tokens, H] with probabilities p [tokens, E] to layer ``layer``'s sums."""
+        if self.mask is not None:
+            if self.mask.numel() != x.shape[0]:
+                raise ValueError(
+                    f"MoE layer {layer}: the attention mask covers {self.mask.numel()} tokens, "
+                    f"the router saw {x.shape[0]}; call set_mask for each batch"
+                )
+            x, p = x[self.mask], p[self.mask]
+        routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(self._top_k, dim=-1).indices, True)
+        p64 = p.double()
+        if self._top_k < p.shape[1]:
+            best_unrouted = p64.masked_fill(routed, float("-inf")).amax(dim=-1, keepdim=True)
+        else:
+            best_unrouted = torch.zeros_like(p64[:, :1])
+        routed64 = routed.double()
+        s = self._sums[layer]
+        s.n_tokens += int(x.shape[0])
+        s.p_sum += p64.sum(dim=0)
+        s.counts += routed64.sum(dim=0)
+        s.margin_sum += ((p64 - best_unrouted) * routed64).sum(dim=0)  # spec stat 3, summed
+        s.x_sum += routed64.T @ x.double()  # spec stat 4, summed

@@ -1,0 +1,140 @@
+"""Model families: building, locating MoE parts, loading and saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from transformers import LlamaConfig, MixtralForCausalLM, Qwen3MoeForCausalLM
+
+from aggregation.errors import ConfigError
+from fedsim.models import build_model, family_of, family_spec, load_pretrained
+
+if TYPE_CHECKING:
+    from tests.fedsim.models.conftest import TinyMoE
+
+CLASSES = {"mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}
+
+
+def test_build_model_gives_fused_experts_and_routers_for_each_family(tiny: TinyMoE, family_name: str) -> None:
+    # Execute
+    model = tiny.model(family_name)
+    spec = family_of(model)
+
+    # Assert
+    assert type(model) is CLASSES[family_name]
+    assert model.dtype == torch.float32 and not model.training
+    assert len(spec.moe_blocks(model)) == tiny.layers
+    for router, experts in zip(spec.routers(model), spec.experts_modules(model), strict=True):
+        assert router.weight.shape == (tiny.experts, tiny.hidden)
+        assert experts.gate_up_proj.shape == (tiny.experts, 2 * tiny.inter, tiny.hidden)
+        assert experts.down_proj.shape == (tiny.experts, tiny.hidden, tiny.inter)
+    assert model.config._experts_implementation == "grouped_mm"  # transformers' default, left alone
+
+
+def test_build_model_same_seed_gives_same_weights_and_keeps_global_rng(tiny: TinyMoE, family_name: str) -> None:
+    # Prepare
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+
+    # Execute
+    a, b, c = tiny.model(family_name, seed=7), tiny.model(family_name, seed=7), tiny.model(family_name, seed=8)
+    draw = torch.rand(3)
+
+    # Assert
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+    assert torch.equal(draw, expected_draw)
+
+
+def test_build_model_outputs_do_not_depend_on_train_mode(tiny: TinyMoE, family_name: str) -> None:
+    # Prepare
+    model = tiny.model(family_name)
+    ids = torch.arange(12).reshape(2, 6)
+
+    # Execute
+    with torch.no_grad():
+        eval_logits = model(input_ids=ids).logits
+        train_logits = model.train()(input_ids=ids).logits
+
+    # Assert
+    assert torch.equal(eval_logits, train_logits)
+
+
+def test_build_model_raises_config_error_for_unknown_family(tiny: TinyMoE) -> None:
+    with pytest.raises(ConfigError) as info:
+        tiny.model("x")
+    assert str(info.value) == "model.family: unknown family 'x' (known: mixtral, qwen3_moe)"
+
+
+def test_build_model_raises_config_error_when_top_k_exceeds_experts(tiny: TinyMoE) -> None:
+    with pytest.raises(ConfigError, match=r"^model\.top_k: 5 is outside 1\.\.num_experts=4$"):
+        tiny.model("mixtral", top_k=5)
+
+
+def test_family_of_sees_through_peft_wrapper(tiny: TinyMoE, family_name: str) -> None:
+    # Execute
+    peft_model = tiny.lora(family_name)
+
+    # Assert
+    assert family_of(peft_model) is family_spec(family_name)
+    assert len(family_of(peft_model).routers(peft_model)) == tiny.layers
+
+
+def test_moe_blocks_skip_dense_layers_when_qwen3_has_mlp_only_layers() -> None:
+    # Prepare: layer 0 dense, layer 1 MoE
+    spec = family_spec("qwen3_moe")
+    config = spec.config_class(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config)
+
+    # Execute
+    blocks = spec.moe_blocks(model)
+
+    # Assert
+    assert blocks == [model.model.layers[1].mlp]
+
+
+def test_load_pretrained_after_save_gives_identical_logits(tiny: TinyMoE, family_name: str, tmp_path: Path) -> None:
+    # Prepare
+    model = tiny.model(family_name, seed=3)
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 0, 4]])
+
+    # Execute
+    loaded = load_pretrained(str(tmp_path))
+
+    # Assert
+    assert type(loaded) is CLASSES[family_name]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_load_pretrained_raises_config_error_naming_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError) as info:
+        load_pretrained(str(missing))
+    assert str(info.value) == f"model.pretrained: no such directory '{missing}'"
+
+
+def test_load_pretrained_raises_config_error_for_unknown_model_type(tmp_path: Path) -> None:
+    # Prepare: a config alone is enough, the family is checked before any weight is read
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"^model\.pretrained: .* is a 'llama' model \(known: mixtral, qwen3_moe\)$"):
+        load_pretrained(str(tmp_path))
+
+
+def test_build_model_accepts_family_by_keyword() -> None:
+    model = build_model(
+        family="qwen3_moe", vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+        intermediate_size=8, num_experts=2, top_k=1, max_position=16, seed=0,
+    )  # fmt: skip
+    assert model.config.moe_intermediate_size == 8 and model.config.num_experts == 2

@@ -1,0 +1,198 @@
+"""Routing statistics and router probabilities recorded through router hooks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from aggregation.routing_stats import RoutingStats
+from fedsim.models import RoutingRecorder, family_of
+
+if TYPE_CHECKING:
+    from tests.fedsim.models.conftest import TinyMoE
+
+IDS = torch.tensor([[5, 17, 3, 40, 22, 9], [8, 61, 30, 0, 0, 0], [2, 2, 50, 33, 12, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+
+
+def _reference_stats(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, top_k: int) -> list[RoutingStats]:
+    """Stats computed token by token from the model's own router logits and its MoE-block inputs."""
+    inputs: list[torch.Tensor] = []
+    handles = [
+        block.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+        for block in family_of(model).moe_blocks(model)
+    ]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    for h in handles:
+        h.remove()
+    keep = mask.reshape(-1).numpy().astype(bool)
+    result = []
+    for logits, x in zip(out.router_logits, inputs, strict=True):
+        logits64 = logits.double().numpy()[keep]
+        num_experts, hidden = logits.shape[1], x.shape[-1]
+        xs = x.reshape(-1, hidden).double().numpy()[keep]
+        s = RoutingStats.zeros(num_experts, hidden)
+        p_sum, counts, margin_sum, x_sum = s.p_sum, s.counts, s.margin_sum, s.x_sum
+        for z, xv in zip(logits64, xs, strict=True):
+            p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+            top = set(np.argsort(-p)[:top_k].tolist())
+            best_out = max(p[j] for j in range(num_experts) if j not in top)
+            p_sum += p
+            for e in top:
+                counts[e] += 1
+                margin_sum[e] += p[e] - best_out
+                x_sum[e] += xv
+        result.append(RoutingStats(int(keep.sum()), p_sum, counts, margin_sum, x_sum))
+    return result
+
+
+def _assert_stats_close(got: RoutingStats, want: RoutingStats) -> None:
+    assert got.n_tokens == want.n_tokens
+    np.testing.assert_array_equal(got.counts, want.counts)
+    np.testing.assert_allclose(got.p_sum, want.p_sum, atol=1e-6)
+    np.testing.assert_allclose(got.margin_sum, want.margin_sum, atol=1e-6)
+    np.testing.assert_allclose(got.x_sum, want.x_sum, atol=1e-6)
+
+
+def test_recorder_stats_match_direct_computation_on_padded_batch(tiny: TinyMoE, family_name: str) -> None:
+    # Prepare
+    model = tiny.lora(family_name, seed=4)
+    want = _reference_stats(model, IDS, MASK, tiny.top_k)
+
+    # Execute
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.set_mask(MASK)
+        model(input_ids=IDS, attention_mask=MASK)
+    got = recorder.stats()
+
+    # Assert
+    assert len(got) == tiny.layers
+    for g, w in zip(got, want, strict=True):
+        assert g.n_tokens == 14  # 18 positions, 4 of them padding
+        assert g.counts.sum() == 14 * tiny.top_k
+        _assert_stats_close(g, w)
+
+
+def test_recorder_stats_of_two_batches_are_their_sum(tiny: TinyMoE) -> None:
+    # Prepare
+    model = tiny.model("qwen3_moe", seed=1)
+    halves = [(IDS[:2], MASK[:2]), (IDS[2:], MASK[2:])]
+    separate = []
+    for ids, mask in halves:
+        with RoutingRecorder(model) as recorder, torch.no_grad():
+            recorder.set_mask(mask)
+            model(input_ids=ids, attention_mask=mask)
+        separate.append(recorder.stats())
+
+    # Execute
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        for ids, mask in halves:
+            recorder.set_mask(mask)
+            model(input_ids=ids, attention_mask=mask)
+    together = recorder.stats()
+
+    # Assert
+    for layer in range(tiny.layers):
+        _assert_stats_close(together[layer], separate[0][layer] + separate[1][layer])
+
+
+def test_recorder_stats_match_hand_computation_for_chosen_router_logits(tiny: TinyMoE) -> None:
+    # Prepare: router weight picks x[:4] as the logits, so p = softmax(x[:4]) = (0.5, 0.3, 0.15, 0.05)
+    model = tiny.model("mixtral")
+    router = family_of(model).routers(model)[0]
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(tiny.experts, tiny.hidden))
+    x = torch.zeros(1, tiny.hidden)
+    x[0, :4] = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+    # Execute
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        router(x)
+    s = recorder.stats()[0]
+
+    # Assert: K(x) = {0, 1}; best expert outside K is 2 (0.15)
+    assert s.n_tokens == 1
+    np.testing.assert_allclose(s.p_sum, [0.5, 0.3, 0.15, 0.05], atol=1e-6)
+    np.testing.assert_array_equal(s.counts, [1, 1, 0, 0])
+    np.testing.assert_allclose(s.margin_sum, [0.5 - 0.15, 0.3 - 0.15, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(s.x_sum, np.stack([x[0], x[0], 0 * x[0], 0 * x[0]]).astype(np.float64), atol=1e-6)
+    assert recorder.stats()[1].n_tokens == 0  # layer 1's router never ran
+
+
+def test_recorder_margin_is_the_probability_when_every_expert_is_routed(tiny: TinyMoE) -> None:
+    # Prepare
+    model = tiny.model("mixtral", top_k=tiny.experts)
+    router = family_of(model).routers(model)[0]
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(tiny.experts, tiny.hidden))
+    x = torch.zeros(1, tiny.hidden)
+    x[0, :4] = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+
+    # Execute
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        router(x)
+
+    # Assert
+    np.testing.assert_allclose(recorder.stats()[0].margin_sum, [0.4, 0.3, 0.2, 0.1], atol=1e-6)
+
+
+def test_recorder_without_mask_counts_every_token(tiny: TinyMoE) -> None:
+    # Prepare
+    model = tiny.model("mixtral")
+
+    # Execute
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        model(input_ids=IDS)
+
+    # Assert
+    assert [s.n_tokens for s in recorder.stats()] == [18, 18]
+    assert [s.counts.sum() for s in recorder.stats()] == [18 * tiny.top_k, 18 * tiny.top_k]
+
+
+def test_recorder_keeps_probs_with_grad_of_latest_forward_only(tiny: TinyMoE, family_name: str) -> None:
+    # Prepare
+    model = tiny.lora(family_name)
+    router = family_of(model).routers(model)[1]
+
+    # Execute
+    with RoutingRecorder(model, keep_probs=True, collect_stats=False) as recorder:
+        recorder.set_mask(MASK)
+        model(input_ids=IDS, attention_mask=MASK)
+        recorder.set_mask(MASK[:1])
+        out = model(input_ids=IDS[:1], attention_mask=MASK[:1], output_router_logits=True)
+        probs, mask = recorder.probs, recorder.mask
+        probs[1][:, 0].sum().backward()
+
+    # Assert
+    assert len(probs) == tiny.layers and probs[0].shape == (6, tiny.experts)
+    torch.testing.assert_close(probs[1], torch.softmax(out.router_logits[1], dim=-1))
+    assert mask is not None and mask.tolist() == [True] * 6
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert recorder.stats()[0].n_tokens == 0  # statistics were off
+
+
+def test_recorder_raises_when_mask_does_not_match_batch(tiny: TinyMoE) -> None:
+    model = tiny.model("mixtral")
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.set_mask(MASK)
+        with pytest.raises(ValueError, match=r"^MoE layer 0: the attention mask covers 18 tokens, the router saw 6"):
+            model(input_ids=IDS[:1])
+
+
+def test_recorder_records_nothing_after_exit(tiny: TinyMoE) -> None:
+    # Prepare
+    model = tiny.model("qwen3_moe")
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        model(input_ids=IDS[:1])
+
+    # Execute
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, tiny.vocab, (4, 6)))
+
+    # Assert
+    assert [s.n_tokens for s in recorder.stats()] == [6, 6]
