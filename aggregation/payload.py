@@ -41,7 +41,11 @@ class LayoutEntry:
     offset, size : int
         Position and number of elements in the flat buffer.
     axis, start, stop : int or None
-        When set, the entry is ``param`` sliced ``start:stop`` along ``axis``.
+        When set, the entry is slice ``start:stop`` along ``axis`` of the parameter's
+        *expert view*: the parameter reshaped so that it has one expert axis at ``axis``
+        (peft's stacked LoRA A [r·E, in] is viewed as [E, r, in] with axis 0, its B
+        [out, r·E], whose expert e owns columns e::E, as [out, r, E] with axis 2).
+        Only the model side (``fedsim.models.layout``) reads these three fields.
     """
 
     param: str

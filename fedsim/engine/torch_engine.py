@@ -62,7 +62,6 @@ class TorchEngine:
         self.spec = spec
         self.device = torch.device(spec.device)
         base = load_pretrained(spec.base_path)
-        torch.manual_seed(spec.lora_seed)  # identical LoRA init on every worker
         self.model = apply_lora(
             base,
             rank=spec.lora.rank,
@@ -70,6 +69,7 @@ class TorchEngine:
             dropout=spec.lora.dropout,
             lora_attention=spec.lora.attention,
             lora_experts=spec.lora.experts,
+            seed=spec.lora_seed,  # identical LoRA init on every worker
         ).to(self.device)
         self.layout: PayloadLayout = build_layout(self.model)
         self.initial_payload = read_payload(self.model, self.layout)
