@@ -81,7 +81,7 @@ class Aggregator:
             for ref in ready:
                 try:
                     arrived[position[ref]] = ray.get(ref)
-                except (RayTaskError, RayActorError) as exc:
+                except (RayTaskError, RayActorError, ray.exceptions.RaySystemError) as exc:
                     failures.append(_failure_reason(exc))
                     arrived[position[ref]] = None
             while next_i in arrived:

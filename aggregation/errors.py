@@ -34,3 +34,7 @@ class ClientFailure(FedsimError):
         self.client_id = client_id
         self.round_idx = round_idx
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ClientFailure], tuple[int, int, str]]:
+        # Crosses process boundaries (Ray) with its own constructor arguments.
+        return (type(self), (self.client_id, self.round_idx, self.reason))

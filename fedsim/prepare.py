@@ -28,7 +28,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from aggregation.errors import ConfigError
 from fedsim.config import RunConfig
 from fedsim.data import (
-    LABEL_NAMES,
     TopicTask,
     load_text_dataset,
     load_topic_corpus,
@@ -38,7 +37,7 @@ from fedsim.data import (
     split_by_document,
     train_bpe_tokenizer,
 )
-from fedsim.models import build_model
+from fedsim.models import build_model, family_spec
 from fedsim.models.pretrain import pretrain_causal_lm
 
 log = logging.getLogger("fedsim")
@@ -82,14 +81,13 @@ def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
     """The labelled corpus the config names, with its label names."""
     d = cfg.data
     if d.source == "gensim_topics":
-        return load_topic_corpus(), tuple(LABEL_NAMES)
-    if d.source == "synthetic":
+        ds = load_topic_corpus()
+    elif d.source == "synthetic":
         ds = make_synthetic_corpus(docs_per_label=d.synthetic_docs_per_label, words_per_doc=40, seed=d.split_seed)
-        return ds, tuple(LABEL_NAMES[: len(set(ds["label"]))])
-    ds = load_text_dataset(d.source, text_field=d.text_field, label_field=d.label_field)
-    names = ds.info.features["label"].names if hasattr(ds.features.get("label"), "names") else None
-    labels = sorted(set(ds["label"]))
-    return ds, tuple(names) if names else tuple(f"label{i}" for i in labels)
+    else:
+        ds = load_text_dataset(d.source, text_field=d.text_field, label_field=d.label_field)
+    names = getattr(ds.features.get("label"), "names", None)
+    return ds, tuple(names) if names else tuple(f"label{i}" for i in sorted(set(ds["label"])))
 
 
 def _base_key(cfg: RunConfig) -> str:
@@ -151,6 +149,7 @@ def _encode(task: TopicTask, ds: datasets.Dataset) -> datasets.Dataset:
 
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Build or reuse the base and the encoded splits, and partition the training split."""
+    family_spec(cfg.model.family)  # an unknown family fails before any data is read
     raw, label_names = load_raw(cfg)
     train, test = split_by_document(raw, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
     base = prepare_base(cfg, list(train["text"]), label_names)
