@@ -8,6 +8,7 @@ as a traceback for a bad input.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -32,8 +33,21 @@ def _summary_table(rounds: object) -> str:
     return rounds[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
+def _console_logging() -> None:
+    """INFO lines of the ``fedsim`` logger on stderr, printed above rich's live progress bars."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_level=False, markup=False)
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("fedsim")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _console_logging()
     # Imports after parsing: `fedsim --help` stays fast.
     from fedsim.config import load_config
     from fedsim.driver import run

@@ -114,8 +114,10 @@ def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
 def _attach_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    if log.level == logging.NOTSET or log.level > logging.DEBUG:
+        log.setLevel(logging.DEBUG)
     return handler
 
 
@@ -232,7 +234,7 @@ def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Cal
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         cohort = sampler.sample()
-        log.info("round %d cohort %s", r, cohort)
+        log.debug("round %d cohort %s", r, cohort)
         instructions = ray.get(aggregator.configure.remote(r, cohort, [client_seed(cfg.seed, r, c) for c in cohort]))
         refs = pool.submit(payload_ref, instructions, [prepared.partitions[c] for c in cohort])
         new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs)

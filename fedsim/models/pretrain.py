@@ -7,12 +7,15 @@ it with ``save_pretrained``, to be loaded back through ``from_pretrained``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel
+
+log = logging.getLogger("fedsim")
 
 
 def pretrain_causal_lm(
@@ -60,5 +63,7 @@ def pretrain_causal_lm(
             losses.append(loss.item())
             if step % 10 == 0 or step == steps - 1:
                 bar.update(task, completed=step + 1, loss=float(np.mean(losses[-20:])))
+            if (step + 1) % max(steps // 10, 1) == 0:
+                log.info("pretrain step %d/%d loss %.3f", step + 1, steps, float(np.mean(losses[-50:])))
     model.eval()
     return losses

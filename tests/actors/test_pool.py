@@ -1,0 +1,40 @@
+"""Shard assignment and resource checks of the worker pool (pure parts; the pool itself runs in e2e)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from actors.pool import resolve_num_workers, shard_by_size
+from aggregation.errors import ConfigError
+
+
+def test_shard_by_size_balances_longest_first() -> None:
+    # Prepare: sizes 10, 1, 7, 3, 5 over 2 workers -> LPT: 10→w0, 7→w1, 5→w1, 3→w0, 1→w0 (loads 14, 12)
+    sizes = [10, 1, 7, 3, 5]
+    # Execute
+    shards = shard_by_size(sizes, 2)
+    # Assert
+    assert shards == [[0, 3, 1], [2, 4]]
+    assert sorted(p for s in shards for p in s) == list(range(5))
+
+
+def test_shard_by_size_more_workers_than_clients_leaves_empty_shards() -> None:
+    assert shard_by_size([4, 2], 3) == [[0], [1], []]
+
+
+@pytest.fixture(scope="module")
+def two_cpu_ray():  # type: ignore[no-untyped-def]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_resolve_num_workers_rejects_what_does_not_fit(two_cpu_ray) -> None:  # type: ignore[no-untyped-def]
+    assert resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=0) == 2
+    assert resolve_num_workers(0, cpus_per_worker=0.5, gpus_per_worker=0) == 4
+    with pytest.raises(ConfigError, match=r"workers.num_workers: 3 workers .* at most 2"):
+        resolve_num_workers(3, cpus_per_worker=1, gpus_per_worker=0)
+    with pytest.raises(ConfigError, match="no worker fits"):
+        resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=1)
