@@ -75,8 +75,11 @@ class DataConfig(_Section):
     min_examples: int = Field(8, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = Field(0, description="seed of the train/test split by document (not the run seed)")
-    max_length: int = Field(64, ge=8, description="tokens per example, prompt and label word included")
+    max_length: int = Field(96, ge=8, description="tokens per example, prompt and label word included")
     synthetic_docs_per_label: int = Field(60, ge=2)
+    min_words: int = Field(40, ge=1, description="gensim_topics: shortest chunk of a document, in words")
+    max_words: int = Field(64, ge=1, description="gensim_topics: longest chunk (longer chunks: more evidence per example)")
+    max_per_class: int = Field(500, ge=1, description="gensim_topics: chunks kept per class")
 
 
 class TrainConfig(_Section):
@@ -86,6 +89,9 @@ class TrainConfig(_Section):
     local_steps: int | None = Field(None, ge=1, description="caps the steps per client when set")
     batch_size: int = Field(16, ge=1)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    loss: Literal["label_words", "vocab"] = Field(
+        "label_words", description="cross-entropy over the label words only (verbaliser) or over the whole vocabulary"
+    )
     routing_stats: bool = Field(True, description="one no-grad pass after training to collect RoutingStats")
 
 

@@ -34,6 +34,7 @@ from fedsim.callbacks.progress import Progress
 from fedsim.config import RunConfig
 from fedsim.engine.torch_engine import TorchEngineSpec
 from fedsim.prepare import PreparedRun, prepare
+from fedsim.quiet import quiet_libraries
 from fedsim.strategies import StrategyFactory
 
 log = logging.getLogger("fedsim")
@@ -155,6 +156,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     """Run a whole federated job; returns the run directory and its tables."""
     for k, v in HF_ENV.items():
         os.environ.setdefault(k, v)
+    quiet_libraries()
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
     run_dir = make_run_dir(cfg, out)
     handler = _attach_log(run_dir)

@@ -29,6 +29,7 @@ from aggregation.errors import ConfigError
 from fedsim.config import RunConfig
 from fedsim.data import (
     TopicTask,
+    load_pretraining_texts,
     load_text_dataset,
     load_topic_corpus,
     make_synthetic_corpus,
@@ -41,6 +42,8 @@ from fedsim.models import build_model, family_spec
 from fedsim.models.pretrain import pretrain_causal_lm
 
 log = logging.getLogger("fedsim")
+
+BASE_RECIPE = 2  # 2: pretrained on whole training documents (load_pretraining_texts)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
     """The labelled corpus the config names, with its label names."""
     d = cfg.data
     if d.source == "gensim_topics":
-        ds = load_topic_corpus()
+        ds = load_topic_corpus(min_words=d.min_words, max_words=d.max_words, max_per_class=d.max_per_class)
     elif d.source == "synthetic":
         ds = make_synthetic_corpus(docs_per_label=d.synthetic_docs_per_label, words_per_doc=40, seed=d.split_seed)
     else:
@@ -94,7 +97,16 @@ def _base_key(cfg: RunConfig) -> str:
     m = cfg.model.model_dump(mode="json")
     m.pop("pretrained")
     d = cfg.data
-    return _digest({"model": m, "source": d.source, "split_seed": d.split_seed, "test_fraction": d.test_fraction})
+    # Bump BASE_RECIPE when what the base is pretrained on changes, so stale caches are not reused.
+    return _digest({"model": m, "source": d.source, "split_seed": d.split_seed, "test_fraction": d.test_fraction,
+                    "chunks": [d.min_words, d.max_words, d.max_per_class], "recipe": BASE_RECIPE})
+
+
+def pretraining_texts(cfg: RunConfig, train: datasets.Dataset, test: datasets.Dataset) -> list[str]:
+    """Unlabelled text for the tokenizer and the base: whole training documents, never a test one."""
+    if cfg.data.source == "gensim_topics":
+        return load_pretraining_texts(exclude_doc_ids=set(test["doc_id"]))
+    return list(train["text"])
 
 
 def prepare_base(cfg: RunConfig, train_texts: list[str], label_names: tuple[str, ...]) -> Path:
@@ -152,7 +164,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     family_spec(cfg.model.family)  # an unknown family fails before any data is read
     raw, label_names = load_raw(cfg)
     train, test = split_by_document(raw, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
-    base = prepare_base(cfg, list(train["text"]), label_names)
+    base = prepare_base(cfg, pretraining_texts(cfg, train, test), label_names)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
     except OSError as exc:

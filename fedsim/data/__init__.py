@@ -5,7 +5,7 @@ Every corpus is a ``datasets.Dataset`` with the columns ``text`` (str),
 ``source`` (str: a natural partition key), whichever loader made it.
 """
 
-from fedsim.data.corpora import LABEL_NAMES, load_topic_corpus
+from fedsim.data.corpora import LABEL_NAMES, load_pretraining_texts, load_topic_corpus
 from fedsim.data.local import load_text_dataset
 from fedsim.data.partition import SCHEMES, partition, partition_hash
 from fedsim.data.split import split_by_document
@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMES",
     "SPECIAL_TOKENS",
     "TopicTask",
+    "load_pretraining_texts",
     "load_text_dataset",
     "load_topic_corpus",
     "make_synthetic_corpus",

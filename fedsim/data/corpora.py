@@ -138,3 +138,19 @@ def load_topic_corpus(
                 rows["doc_id"].append(docs[i].doc_id)
                 rows["source"].append(docs[i].source)
     return Dataset.from_dict(rows, features=CORPUS_FEATURES)
+
+
+def load_pretraining_texts(
+    *, exclude_doc_ids: set[str], sentences_per_review_doc: int = 10, data_dir: Path | None = None
+) -> list[str]:
+    """Whole documents of the same corpora, unlabelled, for pretraining the demo's base.
+
+    The classification corpus keeps a few hundred chunks per class; pretraining
+    gets every word of every document (about 550k words, most of them
+    Wikipedia), normalised as the chunks are, except the documents in
+    ``exclude_doc_ids`` (the test split), so the base never reads a test text.
+    A base pretrained on the capped chunks alone memorises them and transfers
+    poorly to unseen documents.
+    """
+    docs = _read_all(data_dir or gensim_test_data_dir(), sentences_per_review_doc)
+    return [" ".join(normalize_words(d.text)) for d in docs if d.doc_id not in exclude_doc_ids]

@@ -23,6 +23,7 @@ from aggregation.routing_stats import RoutingStats
 from fedsim.config import FaultsConfig, LoraConfig, TrainConfig
 from fedsim.data.encoded import EncodedBatch, EncodedSplit
 from fedsim.models import RoutingRecorder, apply_lora, build_layout, load_pretrained, read_payload, write_payload
+from fedsim.quiet import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class TorchEngine:
     def __init__(self, spec: TorchEngineSpec) -> None:
         # One thread per CPU the worker holds: oversubscribed threads ran 17x slower here.
         torch.set_num_threads(max(1, spec.threads))
+        quiet_libraries()
         self.spec = spec
         self.device = torch.device(spec.device)
         base = load_pretrained(spec.base_path)
@@ -85,6 +87,12 @@ class TorchEngine:
         hidden = self._body.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self._body.lm_head(hidden[rows, label_pos])
+
+    def _loss(self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the label word: over the label words only, or over the whole vocabulary."""
+        if self.spec.train.loss == "label_words":
+            return F.cross_entropy(logits[:, self.label_token_ids], label, reduction=reduction)
+        return F.cross_entropy(logits, tok, reduction=reduction)
 
     def _tensors(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
         to = self.device
@@ -120,8 +128,8 @@ class TorchEngine:
             for lo in range(0, n, cfg.batch_size):
                 if cfg.local_steps is not None and steps >= cfg.local_steps:
                     break
-                ids, mask, pos, tok, _ = self._tensors(data.rows(order[lo : lo + cfg.batch_size]))
-                loss = F.cross_entropy(self._label_logits(ids, mask, pos), tok)
+                ids, mask, pos, tok, label = self._tensors(data.rows(order[lo : lo + cfg.batch_size]))
+                loss = self._loss(self._label_logits(ids, mask, pos), tok, label)
                 total = loss
                 if anchor is not None:
                     # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
@@ -178,7 +186,7 @@ class TorchEngine:
         for lo, hi in chunks:
             ids, mask, pos, tok, label = self._tensors(self.test_split.take(np.arange(lo, hi)))
             logits = self._label_logits(ids, mask, pos)
-            loss = F.cross_entropy(logits, tok, reduction="sum").item()
+            loss = self._loss(logits, tok, label, reduction="sum").item()
             pred = logits[:, self.label_token_ids].argmax(dim=-1)
             out.append(EvalChunk(loss, int((pred == label).sum().item()), hi - lo))
         return out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aggregation.errors import ConfigError
-from fedsim.data import LABEL_NAMES, load_topic_corpus
+from fedsim.data import LABEL_NAMES, load_pretraining_texts, load_topic_corpus
 
 
 def _lengths(ds) -> np.ndarray:
@@ -93,3 +93,14 @@ class TestTopicCorpusFailure:
     def test_config_error_when_cap_is_zero(self):
         with pytest.raises(ConfigError, match="max_per_class"):
             load_topic_corpus(max_per_class=0)
+
+
+def test_load_pretraining_texts_excludes_the_given_documents(topic_corpus) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    excluded = set(topic_corpus.filter(lambda r: r["label"] == 3)["doc_id"])  # every movie-review document
+    # Execute
+    everything = load_pretraining_texts(exclude_doc_ids=set())
+    kept = load_pretraining_texts(exclude_doc_ids=excluded)
+    # Assert
+    assert len(everything) - len(kept) == len(excluded)
+    assert sum(len(t.split()) for t in everything) > 500_000  # whole documents, not the capped chunks

@@ -1,0 +1,108 @@
+"""The torch engine on a tiny random-init Mixtral and the synthetic corpus (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregation.errors import ClientFailure
+from aggregation.messages import ClientInstructions
+from fedsim.config import load_config
+from fedsim.data.encoded import EncodedSplit
+from fedsim.engine.torch_engine import TorchEngine, TorchEngineSpec
+from fedsim.prepare import PreparedRun, prepare
+
+TINY = [
+    "progress=false", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+    "model.intermediate_size=32", "model.num_experts=4", "model.top_k=2", "model.pretrain.steps=0",
+    "model.pretrain.tokenizer_vocab=400", "lora.rank=2", "data.source=synthetic", "data.synthetic_docs_per_label=8",
+    "data.num_clients=4", "data.partition=iid", "data.min_examples=2", "data.max_length=32", "train.batch_size=4",
+    "train.lr=0.01", "clients_per_round=4",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchEngine, PreparedRun]:
+    cfg = load_config(None, [*TINY, f"cache_dir={tmp_path_factory.mktemp('cache')}", "faults.fail_clients=[3]"])
+    prepared = prepare(cfg)
+    spec = TorchEngineSpec(
+        base_path=prepared.base_path, train_path=prepared.train_path, test_path=prepared.test_path,
+        label_token_ids=prepared.label_token_ids, lora=cfg.lora, train=cfg.train, faults=cfg.faults,
+    )
+    return spec(), prepared
+
+
+def _instr(cid: int, seed: int, mu: float = 0.0) -> ClientInstructions:
+    return ClientInstructions(client_id=cid, round_idx=1, seed=seed, prox_mu=mu)
+
+
+def test_train_same_seed_gives_identical_delta(setup) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    engine, prepared = setup
+    rows, payload = prepared.partitions[0], engine.initial_payload
+    # Execute
+    a = engine.train(rows, payload, _instr(0, seed=5))
+    b = engine.train(rows, payload, _instr(0, seed=5))
+    c = engine.train(rows, payload, _instr(0, seed=6))
+    # Assert
+    np.testing.assert_array_equal(a.delta, b.delta)
+    assert not np.array_equal(a.delta, c.delta)
+    assert a.n_examples == len(rows) and a.metrics["train_loss"][1] == len(rows)
+
+
+def test_train_updates_router_experts_and_attention(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    u = engine.train(prepared.partitions[1], engine.initial_payload, _instr(1, seed=1))
+    layout = engine.layout
+    for role in ("router", "expert", "shared"):
+        entries = layout.select(role=role)
+        assert entries, role
+        moved = sum(np.abs(u.delta[e.offset : e.offset + e.size]).sum() for e in entries)
+        assert moved > 0, role
+
+
+def test_train_prox_term_pulls_toward_global(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    rows = prepared.partitions[0]
+    free = engine.train(rows, engine.initial_payload, _instr(0, seed=3, mu=0.0))
+    held = engine.train(rows, engine.initial_payload, _instr(0, seed=3, mu=1000.0))
+    assert np.linalg.norm(held.delta) < 0.5 * np.linalg.norm(free.delta)
+
+
+def test_train_routing_stats_count_only_real_tokens(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    rows = prepared.partitions[2]
+    u = engine.train(rows, engine.initial_payload, _instr(2, seed=2))
+    real_tokens = int(EncodedSplit.load(prepared.train_path).take(rows).attention_mask.sum())
+    assert len(u.routing) == 2
+    for stats in u.routing:
+        assert stats.n_tokens == real_tokens
+        np.testing.assert_allclose(stats.p_bar.sum(), 1.0, rtol=1e-6)
+        assert stats.counts.sum() == 2 * real_tokens  # top-2
+    assert u.bytes_up["routing_stats"] == sum(s.nbytes for s in u.routing)
+
+
+def test_train_injected_fault_names_client_and_round(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    with pytest.raises(ClientFailure, match="client 3 round 1: injected fault"):
+        engine.train(prepared.partitions[3], engine.initial_payload, _instr(3, seed=0))
+
+
+def test_evaluate_counts_every_test_row(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    n = prepared.n_test
+    chunks = engine.evaluate(engine.initial_payload, [(0, n // 2), (n // 2, n)])
+    assert [c.count for c in chunks] == [n // 2, n - n // 2]
+    assert all(0 <= c.correct <= c.count and c.loss_sum > 0 for c in chunks)
+
+
+def test_prepare_reuses_cached_base(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    cache = Path(prepared.base_path).parent
+    cfg = load_config(None, [*TINY, f"cache_dir={cache}", "faults.fail_clients=[3]"])
+    before = (Path(prepared.base_path) / "config.json").stat().st_mtime_ns
+    again = prepare(cfg)
+    assert again.base_path == prepared.base_path and again.train_path == prepared.train_path
+    assert (Path(again.base_path) / "config.json").stat().st_mtime_ns == before
