@@ -50,11 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _console_logging()
     # Imports after parsing: `fedsim --help` stays fast.
     from fedsim.config import load_config
-    from fedsim.driver import run
+    from fedsim.driver import RunFailed, run
 
     try:
         cfg = load_config(args.config, list(args.overrides))
         result = run(cfg, out=args.out)
+    except RunFailed as exc:  # the input was fine; a round failed (status.json says so)
+        print(f"fedsim: run failed: {exc}", file=sys.stderr)
+        return 1
     except FedsimError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2

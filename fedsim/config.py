@@ -92,7 +92,11 @@ class TrainConfig(_Section):
     loss: Literal["label_words", "vocab"] = Field(
         "label_words", description="cross-entropy over the label words only (verbaliser) or over the whole vocabulary"
     )
-    routing_stats: bool = Field(True, description="one no-grad pass after training to collect RoutingStats")
+    routing_stats: Literal["after", "during", "off"] = Field(
+        "after",
+        description="after: one no-grad pass after local training (the spec's); during: read off the training "
+        "forward passes (no extra pass); off: none",
+    )
 
 
 class StrategyConfig(_Section):

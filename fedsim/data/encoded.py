@@ -31,6 +31,17 @@ class EncodedBatch:
     def rows(self, idx: np.ndarray) -> EncodedBatch:
         return EncodedBatch(*(getattr(self, c)[idx] for c in COLUMNS))
 
+    def trimmed(self) -> EncodedBatch:
+        """The same rows without the padding columns every row has (rows are right-padded).
+
+        A causal model's outputs at real tokens do not depend on trailing padding,
+        so dropping it only saves compute.
+        """
+        width = int(self.attention_mask.sum(axis=1).max(initial=1))
+        if width >= self.input_ids.shape[1]:
+            return self
+        return EncodedBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.label_pos, self.label_token, self.label)
+
 
 class EncodedSplit:
     """Read-only view over an encoded split saved with ``save_to_disk``."""

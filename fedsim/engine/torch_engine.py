@@ -9,6 +9,7 @@ update does not depend on which worker ran it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -95,6 +96,7 @@ class TorchEngine:
         return F.cross_entropy(logits, tok, reduction=reduction)
 
     def _tensors(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
+        batch = batch.trimmed()
         to = self.device
         return tuple(
             torch.from_numpy(a).to(to)
@@ -123,30 +125,36 @@ class TorchEngine:
         loss_sum, seen, steps = 0.0, 0, 0
         n = len(indices)
         data = self.train_split.take(indices)  # this client's rows only, read once
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=gen).numpy()
-            for lo in range(0, n, cfg.batch_size):
-                if cfg.local_steps is not None and steps >= cfg.local_steps:
-                    break
-                ids, mask, pos, tok, label = self._tensors(data.rows(order[lo : lo + cfg.batch_size]))
-                loss = self._loss(self._label_logits(ids, mask, pos), tok, label)
-                total = loss
-                if anchor is not None:
-                    # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, anchor, strict=True))
-                    total = loss + 0.5 * instructions.prox_mu * prox
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
-                optimizer.step()
-                if not torch.isfinite(loss):
-                    raise ClientFailure(cid, rnd, f"training loss became {loss.item()} at step {steps}")
-                loss_sum += loss.item() * len(ids)
-                seen += len(ids)
-                steps += 1
+        during = cfg.routing_stats == "during"
+        with RoutingRecorder(self.model) if during else contextlib.nullcontext() as recorder:
+            for _ in range(cfg.local_epochs):
+                order = torch.randperm(n, generator=gen).numpy()
+                for lo in range(0, n, cfg.batch_size):
+                    if cfg.local_steps is not None and steps >= cfg.local_steps:
+                        break
+                    ids, mask, pos, tok, label = self._tensors(data.rows(order[lo : lo + cfg.batch_size]))
+                    if recorder is not None:
+                        recorder.set_mask(mask)
+                    loss = self._loss(self._label_logits(ids, mask, pos), tok, label)
+                    total = loss
+                    if anchor is not None:
+                        # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
+                        prox = sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, anchor, strict=True))
+                        total = loss + 0.5 * instructions.prox_mu * prox
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+                    optimizer.step()
+                    if not torch.isfinite(loss):
+                        raise ClientFailure(cid, rnd, f"training loss became {loss.item()} at step {steps}")
+                    loss_sum += loss.item() * len(ids)
+                    seen += len(ids)
+                    steps += 1
+            routing = recorder.stats() if recorder is not None else ()
+        if cfg.routing_stats == "after":
+            routing = self._routing_stats(data)
 
-        routing = self._routing_stats(data) if cfg.routing_stats else ()
         delta = read_payload(self.model, self.layout)
         np.subtract(delta, payload, out=delta)
         down = self.layout.role_bytes()

@@ -10,12 +10,12 @@ from aggregation.errors import ConfigError
 
 
 def test_shard_by_size_balances_longest_first() -> None:
-    # Prepare: sizes 10, 1, 7, 3, 5 over 2 workers -> LPT: 10→w0, 7→w1, 5→w1, 3→w0, 1→w0 (loads 14, 12)
+    # Prepare: sizes 10, 1, 7, 3, 5 over 2 workers -> LPT: 10→w0, 7→w1, 5→w1, 3→w0, 1→w1 (loads 13, 13)
     sizes = [10, 1, 7, 3, 5]
     # Execute
     shards = shard_by_size(sizes, 2)
     # Assert
-    assert shards == [[0, 3, 1], [2, 4]]
+    assert shards == [[0, 3], [2, 4, 1]]
     assert sorted(p for s in shards for p in s) == list(range(5))
 
 

@@ -106,3 +106,16 @@ def test_prepare_reuses_cached_base(setup, tmp_path: Path) -> None:  # type: ign
     again = prepare(cfg)
     assert again.base_path == prepared.base_path and again.train_path == prepared.train_path
     assert (Path(again.base_path) / "config.json").stat().st_mtime_ns == before
+
+
+def test_routing_stats_during_training_need_no_extra_pass(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    rows = prepared.partitions[2]
+    spec = engine.spec
+    engine.spec = TorchEngineSpec(**{**spec.__dict__, "train": spec.train.model_copy(update={"routing_stats": "during"})})
+    try:
+        u = engine.train(rows, engine.initial_payload, _instr(2, seed=2))
+    finally:
+        engine.spec = spec
+    real_tokens = int(EncodedSplit.load(prepared.train_path).take(rows).attention_mask.sum())
+    assert [s.n_tokens for s in u.routing] == [real_tokens, real_tokens]  # one epoch: each token once
