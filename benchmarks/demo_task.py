@@ -27,6 +27,7 @@ import ray  # noqa: E402
 from aggregation.messages import ClientInstructions  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
+from fedsim.quiet import quiet_libraries  # noqa: E402
 from fedsim.engine.torch_engine import TorchEngineSpec  # noqa: E402
 from fedsim.prepare import prepare  # noqa: E402
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    quiet_libraries()
     if args.quick:
         args.seeds, args.rounds, args.central_epochs = 1, args.rounds or 6, 1
     work = Path(tempfile.mkdtemp(prefix="fedsim-demo-task-"))

@@ -24,6 +24,7 @@ import ray  # noqa: E402
 
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
+from fedsim.quiet import quiet_libraries  # noqa: E402
 
 TINY = [
     "progress=false", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING")
     rows = []

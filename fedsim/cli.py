@@ -40,6 +40,7 @@ def _console_logging() -> None:
 
     handler = RichHandler(console=Console(stderr=True), show_path=False, show_level=False, markup=False)
     handler.setLevel(logging.INFO)
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))
     logger = logging.getLogger("fedsim")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

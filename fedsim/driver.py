@@ -40,6 +40,7 @@ from fedsim.strategies import StrategyFactory
 log = logging.getLogger("fedsim")
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+FILE_ONLY = {"file_only": True}  # log records the console leaves to the CLI's own error line
 HF_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -158,7 +159,15 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         os.environ.setdefault(k, v)
     quiet_libraries()
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
-    run_dir = make_run_dir(cfg, out)
+    started_ray = start_ray(cfg)
+    try:
+        w = cfg.workers  # resources that cannot hold the workers fail here too
+        num_workers = resolve_num_workers(w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+        run_dir = make_run_dir(cfg, out)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     handler = _attach_log(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     manifest = {
@@ -179,17 +188,16 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     _write_status(run_dir, "running")
     table = MetricsTable()
     cbs: list[Callback] = [table, Progress(enabled=cfg.progress), *(callbacks or [])]
-    started_ray = start_ray(cfg)
     pool: WorkerPool | None = None
     status = "failed"
     try:
         for cb in cbs:
             cb.on_run_begin(run_dir=run_dir, total_rounds=cfg.rounds)
-        pool = _make_pool(cfg, prepared)
+        pool = _make_pool(cfg, prepared, num_workers)
         _loop(cfg, prepared, pool, cbs)
         status = "completed"
     except Exception as exc:
-        log.error("run failed: %s", exc)
+        log.error("run failed: %s", exc, extra=FILE_ONLY)
         _write_status(run_dir, "failed", error=str(exc))
         raise
     finally:
@@ -205,9 +213,8 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     return RunResult(run_dir, table.rounds_frame(), table.clients_frame())
 
 
-def _make_pool(cfg: RunConfig, prepared: PreparedRun) -> WorkerPool:
+def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
     w = cfg.workers
-    n = resolve_num_workers(w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
     spec = TorchEngineSpec(
         base_path=prepared.base_path,
         train_path=prepared.train_path,
@@ -249,7 +256,7 @@ def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Cal
         del refs
         if summary.failures:
             for f in summary.failures:
-                log.error("round %d: %s", r, f)
+                log.error("round %d: %s", r, f, extra=FILE_ONLY)
             raise RunFailed(f"round {r}: {len(summary.failures)} client(s) failed; first: {summary.failures[0]}")
         payload_ref = new_ref
         t_train = time.perf_counter() - t0

@@ -42,3 +42,18 @@ def test_cli_missing_config_file_exits_2(tmp_path: Path) -> None:
     proc = _fedsim("run", "--config", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2
     assert "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.ray
+def test_cli_workers_that_do_not_fit_exit_2_before_any_run_dir(tmp_path: Path) -> None:
+    # Prepare: a tiny synthetic run asking for more workers than the embedded Ray's 2 CPUs
+    tiny = ["data.source=synthetic", "data.synthetic_docs_per_label=8", "data.num_clients=4", "clients_per_round=4",
+            "data.min_examples=1", "model.pretrain.steps=0", "model.pretrain.tokenizer_vocab=400",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.intermediate_size=32", "model.num_experts=4", "workers.ray_num_cpus=2", "workers.num_workers=3"]
+    # Execute
+    proc = _fedsim("run", f"out_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache", *tiny, cwd=tmp_path)
+    # Assert
+    assert proc.returncode == 2, proc.stderr
+    assert "fedsim: error: workers.num_workers: 3 workers" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
