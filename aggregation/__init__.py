@@ -1,6 +1,7 @@
 """Federated algorithms and the types that cross the wire; plain numpy/torch, no Ray."""
 
 from aggregation.errors import ClientFailure, ConfigError, DataError, FedsimError, LayoutMismatch
+from aggregation.fedalign_moe import FedAlignMoE, FedAlignOptions
 from aggregation.fedavg import FedAvg
 from aggregation.fedprox import FedProx
 from aggregation.messages import ClientInstructions, ClientUpdate
@@ -17,6 +18,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EntrySpec",
+    "FedAlignMoE",
+    "FedAlignOptions",
     "FedAvg",
     "FedProx",
     "FedsimError",

@@ -1,0 +1,326 @@
+"""FedAlign-MoE (arXiv 2603.21276): routing and semantic alignment of MoE experts, server side.
+
+Spec: ../shared/spec/fedalign_moe.md. Module 1 (``routing_alignment``) weighs
+each client's router rows and routing distribution by its consistency with the
+global routing distribution; Module 2 (``semantic_alignment``) merges each
+expert only over clients whose signatures and update directions agree.
+Everything else in the payload is FedAvg'd by n_i.
+
+Client-side duty (runs in the engine, fed by ``configure``): from round 2 on
+the client minimises L_task + λ·L_reg with λ = ``reg_lambda`` and
+L_reg = mean over tokens x and MoE layers of
+Σ_{e∈K(x)} α_i(e)·p_e(x)·log(p_e(x)/p_g^{t−1}(e)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from aggregation import routing_alignment as ra
+from aggregation import semantic_alignment as sa
+from aggregation.errors import LayoutMismatch
+from aggregation.messages import ClientInstructions
+from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout, Role
+from aggregation.routing_alignment import ScoreMode
+from aggregation.routing_stats import total_variation
+from aggregation.strategy import RoundResult, Strategy, UpdateReader
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "gating": ("consistency", "uniform", "off"),
+    "score_mode": ra.SCORE_MODES,
+    "router_merge": ("omega", "fedavg"),
+    "gate": ("hard", "soft"),
+    "expert_agg": ("global", "personalized"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FedAlignOptions:
+    """Options of FedAlign-MoE; the defaults are the spec's full method.
+
+    Attributes
+    ----------
+    reg_lambda : float
+        λ of the client's routing regulariser, sent from the first round that has a p_g target.
+    gating : {"consistency", "uniform", "off"}
+        Module 1. "consistency": ω from the scores (eq. 3); "uniform": ω_i(e) = n_i/Σn
+        (the ladder's "alignment with uniform weights"); "off": no regulariser, no p_g,
+        routers FedAvg'd.
+    score_mode : {"om", "o", "m", "uniform"}
+        Score of eq. 2: o·m, or an ablation.
+    adaptive_alpha : bool
+        Send α from eq. 6; False sends α = 1.
+    router_merge : {"omega", "fedavg"}
+        Router rows by ω (eq. 5) or by n_i.
+    semantic : bool
+        Module 2; False merges experts by n_i like shared entries.
+    beta : float
+        β of the threshold τ = M − β·Σ (eq. 9).
+    gate : {"hard", "soft"}
+        γ's gate (eq. 10): indicator or sigmoid((σ − τ)/T).
+    soft_temperature : float
+        T of the soft gate.
+    expert_agg : {"global", "personalized"}
+        "personalized" needs a payload per client, which the streaming protocol cannot
+        return: the strategy rejects it (use ``semantic_alignment.personalized_view``).
+    sigma_tol : float
+        Slack of the hard gate's σ ≥ τ comparison.
+    """
+
+    reg_lambda: float = 0.1
+    gating: Literal["consistency", "uniform", "off"] = "consistency"
+    score_mode: ScoreMode = "om"
+    adaptive_alpha: bool = True
+    router_merge: Literal["omega", "fedavg"] = "omega"
+    semantic: bool = True
+    beta: float = 1.0
+    gate: Literal["hard", "soft"] = "hard"
+    soft_temperature: float = 0.05
+    expert_agg: Literal["global", "personalized"] = "global"
+    sigma_tol: float = 1e-9
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"strategy.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
+            raise ValueError(f"strategy.reg_lambda must be a finite number >= 0, got {self.reg_lambda}")
+        if not math.isfinite(self.beta):
+            raise ValueError(f"strategy.beta must be finite, got {self.beta}")
+        if not (math.isfinite(self.soft_temperature) and self.soft_temperature > 0):
+            raise ValueError(f"strategy.soft_temperature must be a finite number > 0, got {self.soft_temperature}")
+        if not (math.isfinite(self.sigma_tol) and self.sigma_tol >= 0):
+            raise ValueError(f"strategy.sigma_tol must be a finite number >= 0, got {self.sigma_tol}")
+
+
+def _spans(layout: PayloadLayout, role: Role) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering the entries of ``role``, merged where adjacent."""
+    spans: list[tuple[int, int]] = []
+    for e in layout.select(role=role):
+        if spans and spans[-1][1] == e.offset:
+            spans[-1] = (spans[-1][0], e.offset + e.size)
+        else:
+            spans.append((e.offset, e.offset + e.size))
+    return spans
+
+
+class FedAlignMoE(Strategy):
+    """FedAlign-MoE's server: Module 1 on routers, Module 2 on experts, FedAvg elsewhere.
+
+    State across rounds: p_g [L, E] (uniform until a round sets it), α_i [L, E]
+    per client id, and whether a p_g target exists yet (λ is sent only then).
+    """
+
+    name = "fedalign_moe"
+
+    def __init__(self, layout: PayloadLayout, options: FedAlignOptions | None = None) -> None:
+        super().__init__(layout)
+        self.options = options if options is not None else FedAlignOptions()
+        if self.options.expert_agg == "personalized":
+            raise NotImplementedError(
+                "strategy.expert_agg='personalized' needs a payload per client, which RoundResult cannot carry; "
+                "use expert_agg='global' (semantic_alignment.personalized_view computes the per-client view)"
+            )
+        layers = sorted(set(layout.router_layers()) | {k[0] for k in layout.expert_keys()})
+        if not layers or layers != list(range(len(layers))):
+            raise LayoutMismatch(f"FedAlign-MoE needs MoE layers numbered 0..L-1, layout has {layers}")
+        # E: the rows of the routers [E, ...]; without routers, the highest expert index + 1.
+        routers, keys = layout.select(role="router"), layout.expert_keys()
+        sizes = {e.shape[0] if e.shape else 0 for e in routers} if routers else {max(k[1] for k in keys) + 1}
+        if len(sizes) > 1 or min(sizes) < 1:
+            raise LayoutMismatch(f"routers must be [E, ...] with one E > 0 for every MoE layer, layout has {sizes}")
+        num_experts = sizes.pop()
+        if any(k[1] >= num_experts for k in keys):
+            raise LayoutMismatch(f"expert indices {keys} do not fit routers of {num_experts} rows")
+        self.num_layers, self.num_experts = len(layers), num_experts
+        self._shared = _spans(layout, "shared")
+        self._p_g = ra.uniform_routing(self.num_layers, self.num_experts)
+        self._alpha: dict[int, np.ndarray] = {}
+        self._has_target = False
+
+    # -- instructions ---------------------------------------------------------------------------
+
+    def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
+        """p_g^{t−1}, the client's α (1 for a client never seen) and λ (0 until a p_g target exists)."""
+        if self.options.gating == "off":
+            return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed)
+        alpha = self._alpha.get(client_id) if self.options.adaptive_alpha else None
+        return ClientInstructions(
+            client_id=client_id,
+            round_idx=round_idx,
+            seed=seed,
+            p_g=self._p_g.copy(),
+            alpha=np.ones_like(self._p_g) if alpha is None else alpha.copy(),
+            reg_lambda=self.options.reg_lambda if self._has_target else 0.0,
+        )
+
+    # -- streaming aggregation ------------------------------------------------------------------
+
+    def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        super().begin(global_payload, round_idx=round_idx)
+        self._readers: list[UpdateReader] = []
+        self._ids: list[int] = []
+        self._n: list[float] = []
+        self._shared_sum = [np.zeros(b - a, dtype=np.float64) for a, b in self._shared]
+
+    def add(self, reader: UpdateReader) -> None:
+        """Validate, keep the cheap stats and the reader, FedAvg the shared entries at once."""
+        u = self._checked(reader)
+        if u.client_id in self._ids:
+            raise ValueError(f"client {u.client_id}: update added twice in one round")
+        where = f"client {u.client_id} round {u.round_idx}"
+        if len(u.routing) != self.num_layers:
+            raise LayoutMismatch(f"{where}: routing has {len(u.routing)} layers, layout has {self.num_layers}")
+        for layer, st in enumerate(u.routing):
+            if st.num_experts != self.num_experts:
+                raise LayoutMismatch(
+                    f"{where}: routing layer {layer} has {st.num_experts} experts, layout has {self.num_experts}"
+                )
+            first = self._readers[0].update.routing[layer] if self._readers else st
+            if st.x_sum.shape != first.x_sum.shape:
+                raise LayoutMismatch(
+                    f"{where}: routing layer {layer} x_sum has shape {st.x_sum.shape}, cohort has {first.x_sum.shape}"
+                )
+        for (a, b), acc in zip(self._shared, self._shared_sum, strict=True):
+            np.add(acc, np.multiply(reader.read(a, b), u.n_examples, dtype=np.float64), out=acc)
+        self._readers.append(reader)
+        self._ids.append(u.client_id)
+        self._n.append(float(u.n_examples))
+
+    def finish(self) -> RoundResult:
+        """Module 1 on routers, Module 2 one expert slice at a time, FedAvg on shared entries.
+
+        ``client_weights`` is each client's π_i(e) averaged over the experts that
+        were merged (its n-share when none was); ``report`` holds n_aggregated,
+        the mean entropy of ω and the total-variation shift of p_g (Module 1), and
+        the fraction of counted pairs excluded by the σ gate and of experts that
+        kept their value (Module 2). The round's readers are released: a second
+        ``finish`` needs a new ``begin``.
+        """
+        if self._global is None:
+            raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
+        base, new = self._global, self._global.copy()
+        n = np.asarray(self._n)
+        report: dict[str, float] = {"n_aggregated": float(len(n))}
+        weights = np.zeros(0)
+        if len(n):
+            for (a, b), acc in zip(self._shared, self._shared_sum, strict=True):
+                new[a:b] = (base[a:b].astype(np.float64) + acc / n.sum()).astype(PAYLOAD_DTYPE)
+            report.update(self._routing_pass(new, n))
+            pi_sum, merged, expert_report = self._expert_pass(new, n)
+            report.update(expert_report)
+            weights = pi_sum / merged if merged else n / n.sum()
+        client_weights = {cid: float(w) for cid, w in zip(self._ids, weights, strict=True)}
+        self._global, self._readers, self._shared_sum = None, [], []  # release the object-store views
+        return RoundResult(new, report, client_weights)
+
+    def _routing_pass(self, new: np.ndarray, n: np.ndarray) -> dict[str, float]:
+        """Module 1, eqs. 1–6: ω, p_g, router rows and α, layer by layer; writes routers into ``new``."""
+        opts = self.options
+        p_g_new = self._p_g.copy()
+        alpha = np.ones((len(n), self.num_layers, self.num_experts))
+        entropies: list[float] = []
+        for layer in range(self.num_layers):
+            stats = [r.update.routing[layer] for r in self._readers]
+            p_bar = np.stack([st.p_bar for st in stats])
+            o = ra.overlap(p_bar, self._p_g[layer])
+            s = ra.consistency_scores(o, np.stack([st.margin for st in stats]), opts.score_mode)
+            if opts.gating == "consistency":
+                omega = ra.consistency_weights(s, n)
+            else:
+                omega = ra.example_weights(n, self.num_experts)
+            if opts.gating != "off":
+                p_g_new[layer] = ra.global_routing(omega, p_bar, previous=self._p_g[layer])
+                entropies.append(ra.weight_entropy(omega))
+                if opts.adaptive_alpha:
+                    alpha[:, layer] = ra.adaptive_alpha(s)
+            if layer in self.layout.router_layers():
+                rows = omega if opts.router_merge == "omega" else ra.example_weights(n, self.num_experts)
+                self._merge_router(new, layer, rows)
+        if opts.gating == "off":
+            return {}
+        report = {
+            "omega_entropy": float(np.mean(entropies)) if entropies else 0.0,
+            "p_g_shift_tv": float(np.mean([total_variation(p, q) for p, q in zip(p_g_new, self._p_g, strict=True)])),
+        }
+        self._p_g = p_g_new
+        self._has_target = True
+        if opts.adaptive_alpha:
+            for i, cid in enumerate(self._ids):
+                self._alpha[cid] = alpha[i]
+        return report
+
+    def _merge_router(self, new: np.ndarray, layer: int, weights: np.ndarray) -> None:
+        """Eq. 5 on every router entry of ``layer``: row e of an [E, ...] entry is expert e's."""
+        a, b = self.layout.router_span(layer)
+        deltas = [np.asarray(r.read(a, b), dtype=np.float64) for r in self._readers]
+        for entry in self.layout.select(role="router", layer=layer):  # every one is [E, ...] (checked at init)
+            lo, hi = entry.offset, entry.offset + entry.size
+            rows = np.stack([d[lo - a:hi - a].reshape(self.num_experts, -1) for d in deltas])
+            merged = ra.merge_router_rows(new[lo:hi].reshape(self.num_experts, -1), rows, weights)
+            new[lo:hi] = merged.reshape(-1).astype(PAYLOAD_DTYPE)
+
+    def _expert_pass(self, new: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, int, dict[str, float]]:
+        """Module 2, eqs. 7–12, one (layer, expert) slice × cohort in memory at a time."""
+        opts = self.options
+        pi_sum = np.zeros(len(n))
+        merged = kept = excluded = counted_pairs = 0
+        for layer, expert in self.layout.expert_keys():
+            a, b = self.layout.expert_span(layer, expert)
+            deltas = np.stack([np.asarray(r.read(a, b), dtype=np.float64) for r in self._readers])
+            if opts.semantic:
+                stats = [r.update.routing[layer] for r in self._readers]
+                sigma, counted = sa.signature_similarity(
+                    np.stack([st.mu[expert] for st in stats]), np.array([st.counts[expert] for st in stats])
+                )
+                consensus = sa.direction_consensus(sa.slice_gram(deltas))
+                tau = sa.threshold(sigma, counted, beta=opts.beta)
+                gamma = sa.gate_weights(
+                    sigma, counted, consensus, tau,
+                    gate=opts.gate, temperature=opts.soft_temperature, tol=opts.sigma_tol,
+                )
+                pi = sa.client_weights(gamma, n)
+                out, pairs = sa.excluded_pairs(sigma, counted, tau, tol=opts.sigma_tol)
+                excluded, counted_pairs = excluded + out, counted_pairs + pairs
+            else:
+                pi = n / n.sum()
+            new[a:b] = sa.merge_expert(new[a:b], deltas, pi).astype(PAYLOAD_DTYPE)
+            if pi.sum() > 0:
+                pi_sum, merged = pi_sum + pi, merged + 1
+            else:
+                kept += 1
+        report: dict[str, float] = {}
+        if opts.semantic and self.layout.expert_keys():
+            report["excluded_pair_frac"] = excluded / counted_pairs if counted_pairs else 0.0
+            report["experts_kept_frac"] = kept / len(self.layout.expert_keys())
+        return pi_sum, merged, report
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """p_g, α per client id and whether a p_g target exists, as plain lists (JSON-safe)."""
+        return {
+            "p_g": self._p_g.tolist(),
+            "alpha": {int(cid): a.tolist() for cid, a in sorted(self._alpha.items())},
+            "has_target": self._has_target,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; client ids may come back as strings (JSON)."""
+        extra = set(state) - {"p_g", "alpha", "has_target"}
+        if extra:
+            raise ValueError(f"FedAlignMoE state has unknown keys {sorted(extra)}")
+        shape = self._p_g.shape
+        p_g = np.array(state["p_g"], dtype=np.float64)
+        if p_g.shape != shape:
+            raise ValueError(f"FedAlignMoE state p_g has shape {p_g.shape}, layout needs {shape}")
+        alpha = {int(cid): np.array(a, dtype=np.float64) for cid, a in state["alpha"].items()}
+        for cid, a in alpha.items():
+            if a.shape != shape:
+                raise ValueError(f"FedAlignMoE state alpha of client {cid} has shape {a.shape}, layout needs {shape}")
+        self._p_g, self._alpha, self._has_target = p_g, alpha, bool(state["has_target"])
+

@@ -1,0 +1,387 @@
+"""FedAlign-MoE's streaming strategy on hand-built layouts, readers and routing statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregation import (
+    ArrayReader,
+    ClientUpdate,
+    EntrySpec,
+    FedAlignMoE,
+    FedAlignOptions,
+    FedAvg,
+    LayoutMismatch,
+    PayloadLayout,
+    RoutingStats,
+)
+
+E, H, D = 2, 2, 2  # experts, router width, hidden size of μ
+
+
+def _layout(num_layers: int = 1) -> PayloadLayout:
+    """Shared (3,); per layer a router weight [E, H] and bias [E]; per expert A (2,) and B (3,)."""
+    specs = [EntrySpec("attn", "shared", None, None, (3,))]
+    for layer in range(num_layers):
+        specs += [
+            EntrySpec(f"l{layer}.gate.weight", "router", layer, None, (E, H)),
+            EntrySpec(f"l{layer}.gate.bias", "router", layer, None, (E,)),
+        ]
+        for e in range(E):
+            specs += [
+                EntrySpec(f"l{layer}.lora_A", "expert", layer, e, (2,), axis=0, start=e, stop=e + 1),
+                EntrySpec(f"l{layer}.lora_B", "expert", layer, e, (3,), axis=0, start=e, stop=e + 1),
+            ]
+    return PayloadLayout.build(specs)
+
+
+def _stats(mu, counts=None, p_bar=(0.6, 0.4), margin=(0.3, 0.2)) -> RoutingStats:
+    """RoutingStats of 10 tokens whose derived p̄, margin and μ are the given values."""
+    c = np.array(counts if counts is not None else [5.0] * E)
+    return RoutingStats(
+        n_tokens=10,
+        p_sum=np.array(p_bar) * 10,
+        counts=c,
+        margin_sum=np.array(margin) * c,
+        x_sum=np.array(mu, dtype=np.float64) * c[:, None],
+    )
+
+
+def _reader(cid: int, n: int, delta, routing, round_idx: int = 1) -> ArrayReader:
+    return ArrayReader(ClientUpdate(cid, round_idx, n, np.asarray(delta, dtype=np.float32), tuple(routing)))
+
+
+def _run(strategy, global_payload, readers, round_idx: int = 1):
+    strategy.begin(np.asarray(global_payload, dtype=np.float32), round_idx=round_idx)
+    for r in readers:
+        strategy.add(r)
+    return strategy.finish()
+
+
+SAME_MU = [[1.0, 0.0], [0.0, 1.0]]
+
+
+class TestConfigure:
+    def test_round_one_sends_uniform_p_g_unit_alpha_and_no_regulariser(self):
+        # Execute
+        ins = FedAlignMoE(_layout(2)).configure(3, 1, seed=7)
+
+        # Assert
+        np.testing.assert_array_equal(ins.p_g, np.full((2, E), 0.5))
+        np.testing.assert_array_equal(ins.alpha, np.ones((2, E)))
+        assert ins.reg_lambda == 0.0
+
+    def test_later_round_sends_lambda_new_p_g_and_alpha_of_seen_clients_only(self):
+        # Prepare: client 1 routes confidently to expert 0 only
+        strategy = FedAlignMoE(_layout())
+        layout = strategy.layout
+        r1 = _reader(1, 1, layout.zeros(), [_stats(SAME_MU, p_bar=(0.8, 0.2), margin=(0.4, 0.0))])
+        _run(strategy, layout.zeros(), [r1])
+
+        # Execute
+        seen, unseen = strategy.configure(1, 2, seed=0), strategy.configure(2, 2, seed=0)
+
+        # Assert: o = [.8, .2] (p_g was uniform), s = [.32, 0], α = [1, 0]; p_g = p̄ of the only client
+        assert seen.reg_lambda == unseen.reg_lambda == 0.1
+        np.testing.assert_allclose(seen.p_g, [[0.8, 0.2]])
+        np.testing.assert_allclose(seen.alpha, [[1.0, 0.0]])
+        np.testing.assert_array_equal(unseen.alpha, [[1.0, 1.0]])
+
+    def test_gating_off_sends_neither_p_g_nor_alpha_nor_lambda(self):
+        # Execute
+        ins = FedAlignMoE(_layout(), FedAlignOptions(gating="off")).configure(3, 4, seed=7)
+
+        # Assert
+        assert (ins.p_g, ins.alpha, ins.reg_lambda) == (None, None, 0.0)
+
+
+class TestFinish:
+    def test_identical_clients_give_the_fedavg_payload(self):
+        # Prepare
+        layout = _layout(2)
+        rng = np.random.default_rng(0)
+        g, delta = rng.normal(size=layout.total), rng.normal(size=layout.total)
+        routing = [_stats(SAME_MU), _stats([[0.5, 0.5], [-1.0, 2.0]], p_bar=(0.3, 0.7))]
+        clients = [(cid, n) for cid, n in [(0, 1), (1, 3), (2, 6)]]
+
+        # Execute
+        ours = _run(FedAlignMoE(layout), g, [_reader(c, n, delta, routing) for c, n in clients])
+        fedavg = _run(FedAvg(layout), g, [_reader(c, n, delta, routing) for c, n in clients])
+
+        # Assert
+        np.testing.assert_allclose(ours.payload, fedavg.payload, rtol=0, atol=1e-6)
+        assert ours.client_weights == pytest.approx(fedavg.client_weights)
+
+    def test_opposite_client_is_left_out_of_that_expert_and_only_that_expert(self):
+        # Prepare: 5 clients, client 4's signature of expert 0 points the other way; deltas all along +1
+        layout = _layout()
+        ra, rb = layout.router_span(0)
+        (a0, b0), (a1, b1) = layout.expert_span(0, 0), layout.expert_span(0, 1)
+        readers = []
+        for cid in range(5):
+            scale = 100.0 if cid == 4 else cid + 1.0
+            delta = layout.zeros()
+            delta[:3] = cid  # shared
+            delta[ra:rb] = scale
+            delta[a0:b0] = delta[a1:b1] = scale
+            mu = [[-1.0, 0.0], [0.0, 1.0]] if cid == 4 else SAME_MU
+            readers.append(_reader(cid, 1, delta, [_stats(mu)]))
+
+        # Execute
+        result = _run(FedAlignMoE(layout), layout.zeros(), readers)
+
+        # Assert: expert 0 = mean(1, 2, 3, 4); expert 1 and routers = mean(1, 2, 3, 4, 100); shared = mean(0..4)
+        np.testing.assert_array_equal(result.payload[a0:b0], np.full(b0 - a0, 2.5, dtype=np.float32))
+        np.testing.assert_allclose(result.payload[a1:b1], 22.0, rtol=1e-6)
+        np.testing.assert_allclose(result.payload[ra:rb], 22.0, rtol=1e-6)
+        np.testing.assert_allclose(result.payload[:3], 2.0, rtol=1e-6)
+        assert result.report["excluded_pair_frac"] == pytest.approx(4 / 20)
+        assert result.report["experts_kept_frac"] == 0.0
+        assert result.client_weights == pytest.approx({0: 0.225, 1: 0.225, 2: 0.225, 3: 0.225, 4: 0.1})
+
+    def test_router_rows_follow_each_clients_consistency_score(self):
+        # Prepare: client 0 scores only on expert 0, client 1 only on expert 1 (margins)
+        layout = _layout()
+        ra, rb = layout.router_span(0)
+        d0, d1 = layout.zeros(), layout.zeros()
+        d0[ra:rb], d1[ra:rb] = 1.0, -1.0
+
+        # Execute
+        result = _run(
+            FedAlignMoE(layout),
+            layout.zeros(),
+            [
+                _reader(0, 1, d0, [_stats(SAME_MU, margin=(0.5, 0.0))]),
+                _reader(1, 9, d1, [_stats(SAME_MU, margin=(0.0, 0.5))]),
+            ],
+        )
+
+        # Assert: weight rows [1, 1], [-1, -1], bias [1, -1]: row e is client e's
+        np.testing.assert_array_equal(result.payload[ra:rb], [1.0, 1.0, -1.0, -1.0, 1.0, -1.0])
+
+    def test_uniform_gating_merges_routers_by_n_but_still_sets_a_p_g_target(self):
+        # Prepare: the same two clients as above, n = 1 and 9
+        layout = _layout()
+        ra, rb = layout.router_span(0)
+        d0, d1 = layout.zeros(), layout.zeros()
+        d0[ra:rb], d1[ra:rb] = 1.0, -1.0
+        strategy = FedAlignMoE(layout, FedAlignOptions(gating="uniform"))
+
+        # Execute
+        result = _run(
+            strategy,
+            layout.zeros(),
+            [
+                _reader(0, 1, d0, [_stats(SAME_MU, p_bar=(1.0, 0.0), margin=(0.5, 0.0))]),
+                _reader(1, 9, d1, [_stats(SAME_MU, p_bar=(0.0, 1.0), margin=(0.0, 0.5))]),
+            ],
+        )
+
+        # Assert: rows .1·1 + .9·(−1) = −.8; p_g = [.1, .9]
+        np.testing.assert_allclose(result.payload[ra:rb], -0.8, rtol=1e-6)
+        np.testing.assert_allclose(strategy.configure(0, 2, seed=0).p_g, [[0.1, 0.9]])
+        assert strategy.configure(0, 2, seed=0).reg_lambda == 0.1
+
+    def test_expert_used_by_one_client_only_keeps_its_value(self):
+        # Prepare: only client 0 routed tokens to expert 1
+        layout = _layout()
+        a1, b1 = layout.expert_span(0, 1)
+        delta = np.ones(layout.total, dtype=np.float32)
+        readers = [
+            _reader(0, 1, delta, [_stats(SAME_MU, counts=[5, 5])]),
+            _reader(1, 1, delta, [_stats(SAME_MU, counts=[5, 0])]),
+        ]
+
+        # Execute
+        result = _run(FedAlignMoE(layout), layout.zeros(), readers)
+
+        # Assert
+        np.testing.assert_array_equal(result.payload[a1:b1], 0.0)
+        np.testing.assert_array_equal(result.payload[layout.expert_span(0, 0)[0]], 1.0)
+        assert result.report["experts_kept_frac"] == 0.5
+
+    def test_no_client_returns_a_copy_of_the_global_payload(self):
+        # Prepare
+        layout = _layout()
+        g = np.arange(layout.total, dtype=np.float32)
+
+        # Execute
+        result = _run(FedAlignMoE(layout), g, [])
+
+        # Assert
+        np.testing.assert_array_equal(result.payload, g)
+        assert not np.shares_memory(result.payload, g)
+
+    def test_everything_off_equals_fedavg(self):
+        # Prepare
+        layout = _layout()
+        rng = np.random.default_rng(1)
+        g = rng.normal(size=layout.total)
+        clients = [
+            (c, c + 1, rng.normal(size=layout.total), [_stats(rng.normal(size=(E, D)).tolist())]) for c in range(3)
+        ]
+        opts = FedAlignOptions(gating="off", semantic=False)
+
+        # Execute
+        ours = _run(FedAlignMoE(layout, opts), g, [_reader(*c) for c in clients])
+        fedavg = _run(FedAvg(layout), g, [_reader(*c) for c in clients])
+
+        # Assert
+        np.testing.assert_allclose(ours.payload, fedavg.payload, rtol=0, atol=1e-6)
+
+
+def _cohorts():
+    case = st.tuples(
+        st.integers(1, 20),
+        st.lists(st.floats(-2, 2, width=32), min_size=2 * (E * D), max_size=2 * (E * D)),
+        st.lists(st.sampled_from([0.0, 1.0, 4.0]), min_size=E, max_size=E),
+    )
+    return st.integers(2, 5).flatmap(
+        lambda k: st.tuples(st.lists(case, min_size=k, max_size=k), st.permutations(range(k)), st.integers(0, 2**16))
+    )
+
+
+class TestProperties:
+    @settings(max_examples=15, deadline=None)
+    @given(_cohorts())
+    def test_arrival_order_changes_nothing_and_weights_are_a_distribution(self, cohort):
+        # Prepare
+        members, perm, seed = cohort
+        layout = _layout()
+        rng = np.random.default_rng(seed)
+        g = rng.normal(size=layout.total)
+        clients = []
+        for cid, (n, values, counts) in enumerate(members):
+            v = np.array(values).reshape(2, E, D)
+            p = np.abs(v[0, :, 0]) + 0.1
+            routing = [_stats(v[1].tolist(), counts=counts, p_bar=p / p.sum(), margin=np.abs(v[0, :, 1]))]
+            clients.append((cid, n, rng.normal(size=layout.total), routing))
+        s1, s2 = FedAlignMoE(layout), FedAlignMoE(layout)
+
+        # Execute
+        in_order = _run(s1, g, [_reader(*c) for c in clients])
+        shuffled = _run(s2, g, [_reader(*clients[i]) for i in perm])
+
+        # Assert
+        np.testing.assert_allclose(in_order.payload, shuffled.payload, rtol=1e-6, atol=1e-6)
+        assert in_order.client_weights == pytest.approx(shuffled.client_weights)
+        np.testing.assert_allclose(s1.state_dict()["p_g"], s2.state_dict()["p_g"])
+        assert s1.state_dict()["alpha"].keys() == s2.state_dict()["alpha"].keys()
+        assert all(w >= 0 for w in in_order.client_weights.values())
+        assert sum(in_order.client_weights.values()) == pytest.approx(1.0)
+
+    def test_finish_reads_at_most_one_expert_span_per_read_call(self):
+        # Prepare
+        layout = _layout(num_layers=2)
+        reads: list[tuple[int, int]] = []
+
+        class Recording(ArrayReader):
+            def read(self, start, stop):
+                reads.append((start, stop))
+                return super().read(start, stop)
+
+        strategy = FedAlignMoE(layout)
+        strategy.begin(layout.zeros(), round_idx=1)
+        rng = np.random.default_rng(2)
+        for cid in range(3):
+            routing = [_stats(rng.normal(size=(E, D)).tolist()) for _ in range(2)]
+            upd = ClientUpdate(cid, 1, 2, rng.normal(size=layout.total).astype(np.float32), tuple(routing))
+            strategy.add(Recording(upd))
+        reads.clear()
+
+        # Execute
+        strategy.finish()
+
+        # Assert: every read is one router span or lies inside one expert span; each expert span read once per client
+        spans = [layout.expert_span(*k) for k in layout.expert_keys()]
+        routers = [layout.router_span(layer) for layer in layout.router_layers()]
+        for start, stop in reads:
+            assert (start, stop) in routers or any(a <= start and stop <= b for a, b in spans), (start, stop)
+        assert sorted(r for r in reads if r not in routers) == sorted(spans * 3)
+
+
+class TestState:
+    def test_state_dict_round_trips_through_json(self):
+        # Prepare
+        layout = _layout(2)
+        strategy = FedAlignMoE(layout)
+        routing = [_stats(SAME_MU, p_bar=(0.9, 0.1)), _stats(SAME_MU, margin=(0.1, 0.4))]
+        _run(strategy, layout.zeros(), [_reader(5, 1, layout.zeros(), routing), _reader(8, 2, layout.zeros(), routing)])
+        state = strategy.state_dict()
+
+        # Execute
+        restored = FedAlignMoE(layout)
+        restored.load_state_dict(json.loads(json.dumps(state)))
+
+        # Assert
+        assert restored.state_dict() == state
+        a, b = strategy.configure(5, 2, seed=1), restored.configure(5, 2, seed=1)
+        np.testing.assert_array_equal(a.p_g, b.p_g)
+        np.testing.assert_array_equal(a.alpha, b.alpha)
+        assert a.reg_lambda == b.reg_lambda == 0.1
+
+    def test_load_state_dict_raises_naming_the_field_when_p_g_has_the_wrong_shape(self):
+        # Prepare
+        strategy = FedAlignMoE(_layout(2))
+
+        # Execute / Assert
+        with pytest.raises(ValueError, match=r"p_g has shape \(1, 2\), layout needs \(2, 2\)"):
+            strategy.load_state_dict({"p_g": [[0.5, 0.5]], "alpha": {}, "has_target": True})
+
+
+class TestFailure:
+    def test_add_raises_naming_the_client_when_routing_has_the_wrong_number_of_layers(self):
+        # Prepare
+        layout = _layout(2)
+        strategy = FedAlignMoE(layout)
+        strategy.begin(layout.zeros(), round_idx=1)
+
+        # Execute / Assert
+        with pytest.raises(LayoutMismatch, match=r"^client 4 round 1: routing has 1 layers, layout has 2$"):
+            strategy.add(_reader(4, 1, layout.zeros(), [_stats(SAME_MU)]))
+
+    def test_add_raises_when_the_same_client_is_added_twice(self):
+        # Prepare
+        layout = _layout()
+        strategy = FedAlignMoE(layout)
+        strategy.begin(layout.zeros(), round_idx=1)
+        strategy.add(_reader(4, 1, layout.zeros(), [_stats(SAME_MU)]))
+
+        # Execute / Assert
+        with pytest.raises(ValueError, match="client 4: update added twice"):
+            strategy.add(_reader(4, 1, layout.zeros(), [_stats(SAME_MU)]))
+
+    def test_finish_raises_when_called_twice_because_the_round_released_its_readers(self):
+        # Prepare
+        layout = _layout()
+        strategy = FedAlignMoE(layout)
+        _run(strategy, layout.zeros(), [_reader(4, 1, layout.zeros(), [_stats(SAME_MU)])])
+
+        # Execute / Assert
+        with pytest.raises(RuntimeError, match=r"before begin\(\)"):
+            strategy.finish()
+
+    def test_personalized_expert_aggregation_is_rejected_by_the_streaming_strategy(self):
+        # Execute / Assert
+        with pytest.raises(NotImplementedError, match="expert_agg='personalized'"):
+            FedAlignMoE(_layout(), FedAlignOptions(expert_agg="personalized"))
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("gating", "maybe"),
+            ("score_mode", "x"),
+            ("reg_lambda", -1.0),
+            ("soft_temperature", 0.0),
+            ("beta", float("inf")),
+        ],
+    )
+    def test_options_raise_naming_the_field_when_a_value_is_invalid(self, field, value):
+        # Execute / Assert
+        with pytest.raises(ValueError, match=rf"strategy\.{field}"):
+            FedAlignOptions(**{field: value})
