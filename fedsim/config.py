@@ -92,6 +92,9 @@ class TrainConfig(_Section):
     loss: Literal["label_words", "vocab"] = Field(
         "label_words", description="cross-entropy over the label words only (verbaliser) or over the whole vocabulary"
     )
+    routing_reg: Literal["token", "batch"] = Field(
+        "token", description="FedAlign-MoE regulariser: per-token top-k form (spec) or batch-level KL"
+    )
     routing_stats: Literal["after", "during", "off"] = Field(
         "after",
         description="after: one no-grad pass after local training (the spec's); during: read off the training "
@@ -99,9 +102,24 @@ class TrainConfig(_Section):
     )
 
 
+class FedAlignConfig(_Section):
+    """FedAlign-MoE options (spec ../shared/spec/fedalign_moe.md); defaults are the full method."""
+
+    reg_lambda: float = Field(0.1, ge=0, description="λ of the client routing regulariser")
+    gating: Literal["consistency", "uniform", "off"] = "consistency"
+    score_mode: Literal["om", "o", "m", "uniform"] = "om"
+    adaptive_alpha: bool = True
+    router_merge: Literal["omega", "fedavg"] = "omega"
+    semantic: bool = True
+    beta: float = Field(1.0, description="τ = M − β·Σ")
+    gate: Literal["hard", "soft"] = "hard"
+    soft_temperature: float = Field(0.05, gt=0)
+
+
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox"] = "fedavg"
-    prox_mu: float = Field(0.01, ge=0, description="FedProx μ")
+    name: Literal["fedavg", "fedprox", "fedalign_moe"] = "fedavg"
+    prox_mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="FedProx μ")
+    fedalign: FedAlignConfig = FedAlignConfig()
 
 
 class WorkersConfig(_Section):

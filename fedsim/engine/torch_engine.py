@@ -23,7 +23,16 @@ from aggregation.payload import PayloadLayout
 from aggregation.routing_stats import RoutingStats
 from fedsim.config import FaultsConfig, LoraConfig, TrainConfig
 from fedsim.data.encoded import EncodedBatch, EncodedSplit
-from fedsim.models import RoutingRecorder, apply_lora, build_layout, load_pretrained, read_payload, write_payload
+from fedsim.engine.routing_regulariser import routing_regulariser
+from fedsim.models import (
+    RoutingRecorder,
+    apply_lora,
+    build_layout,
+    family_of,
+    load_pretrained,
+    read_payload,
+    write_payload,
+)
 from fedsim.quiet import quiet_libraries
 
 
@@ -81,6 +90,7 @@ class TorchEngine:
         self.test_split = EncodedSplit.load(spec.test_path)
         self.label_token_ids = torch.tensor(spec.label_token_ids, dtype=torch.long, device=self.device)
         self._body = self.model.get_base_model()
+        self.top_k = family_of(self.model).top_k(self.model.config)
 
     # -- forward ---------------------------------------------------------------------------------
     def _label_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
@@ -88,6 +98,13 @@ class TorchEngine:
         hidden = self._body.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self._body.lm_head(hidden[rows, label_pos])
+
+    def _reg_targets(self, instructions: ClientInstructions) -> tuple[torch.Tensor, torch.Tensor]:
+        """p_g [L, E] and α [L, E] (ones when not sent) as tensors on the model's device."""
+        p_g = torch.as_tensor(np.asarray(instructions.p_g), dtype=torch.float32, device=self.device)
+        if instructions.alpha is None:
+            return p_g, torch.ones_like(p_g)
+        return p_g, torch.as_tensor(np.asarray(instructions.alpha), dtype=torch.float32, device=self.device)
 
     def _loss(self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the label word: over the label words only, or over the whole vocabulary."""
@@ -126,7 +143,11 @@ class TorchEngine:
         n = len(indices)
         data = self.train_split.take(indices)  # this client's rows only, read once
         during = cfg.routing_stats == "during"
-        with RoutingRecorder(self.model) if during else contextlib.nullcontext() as recorder:
+        regularise = instructions.reg_lambda > 0 and instructions.p_g is not None
+        if regularise:
+            p_g, alpha = self._reg_targets(instructions)
+        hooks = RoutingRecorder(self.model, keep_probs=regularise, collect_stats=during) if during or regularise else None
+        with hooks if hooks is not None else contextlib.nullcontext() as recorder:
             for _ in range(cfg.local_epochs):
                 order = torch.randperm(n, generator=gen).numpy()
                 for lo in range(0, n, cfg.batch_size):
@@ -137,10 +158,14 @@ class TorchEngine:
                         recorder.set_mask(mask)
                     loss = self._loss(self._label_logits(ids, mask, pos), tok, label)
                     total = loss
+                    if regularise:
+                        # FedAlign-MoE: L = L_task + λ·L_reg toward p_g (spec, Module 1 regularisation).
+                        reg = routing_regulariser(recorder.probs, recorder.mask, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg)
+                        total = total + instructions.reg_lambda * reg
                     if anchor is not None:
                         # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
                         prox = sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, anchor, strict=True))
-                        total = loss + 0.5 * instructions.prox_mu * prox
+                        total = total + 0.5 * instructions.prox_mu * prox
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     if cfg.grad_clip > 0:
@@ -151,7 +176,7 @@ class TorchEngine:
                     loss_sum += loss.item() * len(ids)
                     seen += len(ids)
                     steps += 1
-            routing = recorder.stats() if recorder is not None else ()
+            routing = recorder.stats() if during else ()
         if cfg.routing_stats == "after":
             routing = self._routing_stats(data)
 

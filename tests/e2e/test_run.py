@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -56,3 +57,11 @@ def test_run_client_failure_marks_run_failed(ray_session, tiny_config, tmp_path:
     assert status["status"] == "failed" and "client 3 round 2" in status["error"]
     rounds = pd.read_parquet(tmp_path / "failed" / "rounds.parquet")
     assert list(rounds["round"]) == [1]  # round 1 kept, nothing written for the failed round
+
+
+def test_run_fedalign_moe_two_rounds(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config("strategy.name=fedalign_moe", "data.alpha=0.3"), out=tmp_path / "fedalign")
+    rounds = result.rounds
+    assert list(rounds["round"]) == [1, 2] and rounds["test_accuracy"].between(0, 1).all()
+    weights = result.clients.groupby("round")["weight"].sum()
+    assert np.allclose(weights.to_numpy(), 1.0)

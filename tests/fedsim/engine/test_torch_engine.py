@@ -119,3 +119,18 @@ def test_routing_stats_during_training_need_no_extra_pass(setup) -> None:  # typ
         engine.spec = spec
     real_tokens = int(EncodedSplit.load(prepared.train_path).take(rows).attention_mask.sum())
     assert [s.n_tokens for s in u.routing] == [real_tokens, real_tokens]  # one epoch: each token once
+
+
+def test_routing_regulariser_changes_the_update_only_when_lambda_is_set(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    rows = prepared.partitions[0]
+    p_g = np.tile(np.array([0.7, 0.1, 0.1, 0.1]), (2, 1))
+    plain = engine.train(rows, engine.initial_payload, _instr(0, seed=4))
+    off = engine.train(rows, engine.initial_payload,
+                       ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)), reg_lambda=0.0))
+    on = engine.train(rows, engine.initial_payload,
+                      ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)), reg_lambda=5.0))
+    np.testing.assert_array_equal(plain.delta, off.delta)
+    router = engine.layout.select(role="router")[0]
+    span = slice(router.offset, router.offset + router.size)
+    assert not np.allclose(on.delta[span], plain.delta[span])
