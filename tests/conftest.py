@@ -1,6 +1,9 @@
 """Suite-wide environment: loopback-only Ray, no usage stats, no hub downloads."""
 
 import os
+from collections.abc import Iterator
+
+import pytest
 
 for _k, _v in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -10,3 +13,13 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One real local Ray (2 CPUs, loopback) shared by every test that needs it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import ray
 
 from actors.pool import resolve_num_workers, shard_by_size
 from aggregation.errors import ConfigError
@@ -23,15 +22,8 @@ def test_shard_by_size_more_workers_than_clients_leaves_empty_shards() -> None:
     assert shard_by_size([4, 2], 3) == [[0], [1], []]
 
 
-@pytest.fixture(scope="module")
-def two_cpu_ray():  # type: ignore[no-untyped-def]
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
-def test_resolve_num_workers_rejects_what_does_not_fit(two_cpu_ray) -> None:  # type: ignore[no-untyped-def]
+def test_resolve_num_workers_rejects_what_does_not_fit(ray_session) -> None:  # type: ignore[no-untyped-def]
     assert resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=0) == 2
     assert resolve_num_workers(0, cpus_per_worker=0.5, gpus_per_worker=0) == 4
     with pytest.raises(ConfigError, match=r"workers.num_workers: 3 workers .* at most 2"):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 
 from fedsim.config import RunConfig, load_config
 
@@ -37,13 +35,6 @@ TINY = [
     "eval.batch_size=16",
     "workers.num_workers=2",
 ]
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
