@@ -93,13 +93,17 @@ def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
     return ds, tuple(names) if names else tuple(f"label{i}" for i in sorted(set(ds["label"])))
 
 
+# Data settings that only decide who gets which row: they never change the corpus, the base or the encoding.
+PARTITION_ONLY = {"num_clients", "partition", "alpha", "labels_per_client", "min_examples"}
+
+
 def _base_key(cfg: RunConfig) -> str:
+    """Hash of everything that shapes the corpus, its split and the base built on it."""
     m = cfg.model.model_dump(mode="json")
     m.pop("pretrained")
-    d = cfg.data
+    d = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in PARTITION_ONLY and k != "max_length"}
     # Bump BASE_RECIPE when what the base is pretrained on changes, so stale caches are not reused.
-    return _digest({"model": m, "source": d.source, "split_seed": d.split_seed, "test_fraction": d.test_fraction,
-                    "chunks": [d.min_words, d.max_words, d.max_per_class], "recipe": BASE_RECIPE})
+    return _digest({"model": m, "data": d, "recipe": BASE_RECIPE})
 
 
 def pretraining_texts(cfg: RunConfig, train: datasets.Dataset, test: datasets.Dataset) -> list[str]:

@@ -134,3 +134,16 @@ def test_routing_regulariser_changes_the_update_only_when_lambda_is_set(setup) -
     router = engine.layout.select(role="router")[0]
     span = slice(router.offset, router.offset + router.size)
     assert not np.allclose(on.delta[span], plain.delta[span])
+
+
+def test_prepare_keys_cache_by_every_corpus_setting(setup) -> None:  # type: ignore[no-untyped-def]
+    # A bigger synthetic corpus must not reuse the smaller one's encoded data (stale rows, wrong indices).
+    _, prepared = setup
+    cache = Path(prepared.base_path).parent
+    bigger = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "data.synthetic_docs_per_label=12"]))
+    assert bigger.train_path != prepared.train_path
+    assert bigger.n_train > prepared.n_train
+    assert max(int(p.max()) for p in bigger.partitions) < bigger.n_train
+    # Partition-only settings reuse the same base and encoded data.
+    regrouped = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "data.partition=dirichlet", "data.alpha=5.0"]))
+    assert regrouped.train_path == prepared.train_path and regrouped.base_path == prepared.base_path
