@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -35,9 +36,10 @@ class RoundSummary:
     failures: list[str] = field(default_factory=list)
     routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
     aggregator_peak_rss_mib: float = 0.0
+    aggregator_uss_mib: float = 0.0  # private memory now: object-store pages read zero-copy are shared, not counted
 
 
-def _client_row(u: ClientUpdate, weight: float | None) -> dict[str, Any]:
+def _client_row(u: ClientUpdate) -> dict[str, Any]:
     return {
         "client": u.client_id,
         "n_examples": u.n_examples,
@@ -45,7 +47,6 @@ def _client_row(u: ClientUpdate, weight: float | None) -> dict[str, Any]:
         "compute_s": u.compute_seconds,
         "bytes_down": int(sum(u.bytes_down.values())),
         "bytes_up": int(sum(u.bytes_up.values())),
-        "weight": weight if weight is not None else float("nan"),
     }
 
 
@@ -72,28 +73,33 @@ class Aggregator:
         self.strategy.begin(global_payload, round_idx=round_idx)
         position = {ref: i for i, ref in enumerate(update_refs)}
         pending = list(update_refs)
+        update_refs.clear()  # hold each ref only until it is folded in: small updates live inline in this process
         arrived: dict[int, ClientUpdate | None] = {}
         next_i = 0
-        done: list[ClientUpdate] = []
+        rows: list[dict[str, Any]] = []  # cheap per-client facts; the update itself is not kept
+        p_bar: dict[int, list[np.ndarray]] = {}
         failures: list[str] = []
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
+                i = position.pop(ref)
                 try:
-                    arrived[position[ref]] = ray.get(ref)
+                    arrived[i] = ray.get(ref)
                 except (RayTaskError, RayActorError, ray.exceptions.RaySystemError) as exc:
                     failures.append(_failure_reason(exc))
-                    arrived[position[ref]] = None
+                    arrived[i] = None
+            del ready, ref
             while next_i in arrived:
                 update = arrived.pop(next_i)
                 next_i += 1
                 if update is not None:
                     self.strategy.add(ArrayReader(update))
-                    done.append(update)
+                    rows.append(_client_row(update))
+                    if update.routing:
+                        p_bar[update.client_id] = [s.p_bar for s in update.routing]
+                del update  # a strategy that needs the tensors later keeps its own reader
         result = self.strategy.finish()
-        clients = [_client_row(u, result.client_weights.get(u.client_id)) for u in done]
-        p_bar = {u.client_id: [s.p_bar for s in u.routing] for u in done if u.routing}
-        del done  # release the object-store views before returning
+        clients = [{**r, "weight": result.client_weights.get(r["client"], float("nan"))} for r in rows]
         summary = RoundSummary(
             round_idx=round_idx,
             report=dict(result.report),
@@ -101,6 +107,7 @@ class Aggregator:
             failures=failures,
             routing_p_bar=p_bar,
             aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20,
         )
         return result.payload, summary
 

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.hidden_size=128")
     args = parser.parse_args()
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
@@ -50,7 +51,7 @@ def main() -> None:
             cfg = load_config(None, [*TINY, f"name=overhead{n}", f"rounds={args.rounds}", f"clients_per_round={n}",
                                      f"data.num_clients={n}", f"data.synthetic_docs_per_label={max(12, 4 * n)}",
                                      f"workers.num_workers={args.workers}", f"cache_dir={work / 'cache'}",
-                                     f"eval.every={args.rounds}"])
+                                     f"eval.every={args.rounds}", *args.overrides])
             rounds = run(cfg, out=work / f"run{n}").rounds
             steady = rounds[rounds["round"] > 1]  # round 1 includes actor warm-up
             rows.append({
@@ -61,6 +62,7 @@ def main() -> None:
                 "overhead_ratio": (steady["train_wall_s"] / (steady["compute_s_sum"] / args.workers)).median(),
                 "driver_peak_rss_mib": rounds["driver_peak_rss_mib"].max(),
                 "aggregator_peak_rss_mib": rounds["aggregator_peak_rss_mib"].max(),
+                "aggregator_uss_mib": rounds["aggregator_uss_mib"].max(),
                 "update_mib": rounds["bytes_up"].iloc[-1] / n / 2**20,
             })
     finally:

@@ -302,5 +302,6 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "eval_wall_s": 0.0,
         "wall_s": 0.0,
         "aggregator_peak_rss_mib": s.aggregator_peak_rss_mib,
+        "aggregator_uss_mib": s.aggregator_uss_mib,
         "driver_peak_rss_mib": 0.0,
     }
