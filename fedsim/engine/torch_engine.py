@@ -101,10 +101,10 @@ class TorchEngine:
 
     def _reg_targets(self, instructions: ClientInstructions) -> tuple[torch.Tensor, torch.Tensor]:
         """p_g [L, E] and α [L, E] (ones when not sent) as tensors on the model's device."""
-        p_g = torch.as_tensor(np.asarray(instructions.p_g), dtype=torch.float32, device=self.device)
+        p_g = torch.tensor(instructions.p_g, dtype=torch.float32, device=self.device)  # copies the read-only array
         if instructions.alpha is None:
             return p_g, torch.ones_like(p_g)
-        return p_g, torch.as_tensor(np.asarray(instructions.alpha), dtype=torch.float32, device=self.device)
+        return p_g, torch.tensor(instructions.alpha, dtype=torch.float32, device=self.device)
 
     def _loss(self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the label word: over the label words only, or over the whole vocabulary."""
