@@ -55,25 +55,25 @@ def _load_raw(source: str, split: str) -> tuple[Dataset, str, str]:
                 raw = datasets.load_dataset(source, split=split)
         except Exception as exc:  # hub, network and builder errors alike
             raise ConfigError(
-                f"data.path: cannot load hub dataset {source!r} split {split!r} "
+                f"data.source: cannot load hub dataset {source!r} split {split!r} "
                 f"(offline, or not a dataset?): {exc}"
             ) from exc
         return raw, f"hub dataset {source!r}", source
 
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ConfigError(f"data.path: file not found: {path}")
+        raise ConfigError(f"data.source: file not found: {path}")
     builder = BUILDER_OF_SUFFIX.get(path.suffix.lower())
     if builder is None:
         raise ConfigError(
-            f"data.path: unsupported file type {path.suffix!r} for {path}; "
+            f"data.source: unsupported file type {path.suffix!r} for {path}; "
             f"use one of {sorted(BUILDER_OF_SUFFIX)}"
         )
     try:
         with _quiet_progress():
             raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
     except Exception as exc:
-        raise ConfigError(f"data.path: cannot read {path} as {builder}: {exc}") from exc
+        raise ConfigError(f"data.source: cannot read {path} as {builder}: {exc}") from exc
     return raw, str(path), path.stem
 
 
@@ -135,7 +135,7 @@ def load_text_dataset(
     Raises
     ------
     ConfigError
-        ``data.path`` when the file is missing, of an unknown type or
+        ``data.source`` when the file is missing, of an unknown type or
         unreadable; ``data.text_field``/``data.label_field`` when a column is
         missing or unusable.
     """

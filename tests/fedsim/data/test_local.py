@@ -74,7 +74,7 @@ class TestLoadTextDatasetFailure:
         missing = tmp_path / "nope.jsonl"
         with pytest.raises(ConfigError) as info:
             load_text_dataset(str(missing))
-        assert str(info.value) == f"data.path: file not found: {missing}"
+        assert str(info.value) == f"data.source: file not found: {missing}"
 
     @pytest.mark.parametrize(
         ("field", "kwargs"), [("text_field", {"label_field": "topic"}), ("label_field", {"text_field": "body"})]
