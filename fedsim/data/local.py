@@ -47,6 +47,12 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    """A library's message cut to its first line: errors reach the user as one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _load_raw(source: str, split: str) -> tuple[Dataset, str, str]:
     """Return the raw dataset, a name for messages, and the default ``source`` value."""
     if not _looks_like_path(source):
@@ -56,7 +62,7 @@ def _load_raw(source: str, split: str) -> tuple[Dataset, str, str]:
         except Exception as exc:  # hub, network and builder errors alike
             raise ConfigError(
                 f"data.source: cannot load hub dataset {source!r} split {split!r} "
-                f"(offline, or not a dataset?): {exc}"
+                f"(offline, or not a dataset?): {_first_line(exc)}"
             ) from exc
         return raw, f"hub dataset {source!r}", source
 
@@ -73,7 +79,7 @@ def _load_raw(source: str, split: str) -> tuple[Dataset, str, str]:
         with _quiet_progress():
             raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
     except Exception as exc:
-        raise ConfigError(f"data.source: cannot read {path} as {builder}: {exc}") from exc
+        raise ConfigError(f"data.source: cannot read {path} as {builder}: {_first_line(exc)}") from exc
     return raw, str(path), path.stem
 
 
