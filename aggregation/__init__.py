@@ -2,6 +2,7 @@
 
 from aggregation.errors import ClientFailure, ConfigError, DataError, FedsimError, LayoutMismatch
 from aggregation.fedalign_moe import FedAlignMoE, FedAlignOptions
+from aggregation.fedadam import FedAdam
 from aggregation.fedavg import FedAvg
 from aggregation.fedprox import FedProx
 from aggregation.messages import ClientInstructions, ClientUpdate
@@ -20,6 +21,7 @@ __all__ = [
     "EntrySpec",
     "FedAlignMoE",
     "FedAlignOptions",
+    "FedAdam",
     "FedAvg",
     "FedProx",
     "FedsimError",

@@ -116,9 +116,19 @@ class FedAlignConfig(_Section):
     soft_temperature: float = Field(0.05, gt=0)
 
 
+class FedAdamConfig(_Section):
+    """Server Adam on the averaged update (Reddi et al., 2021)."""
+
+    server_lr: float = Field(0.01, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedalign_moe"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedalign_moe"] = "fedavg"
     prox_mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="FedProx μ")
+    fedadam: FedAdamConfig = FedAdamConfig()
     fedalign: FedAlignConfig = FedAlignConfig()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aggregation.fedadam import FedAdam
 from aggregation.fedalign_moe import FedAlignMoE, FedAlignOptions
 from aggregation.fedavg import FedAvg
 from aggregation.fedprox import FedProx
@@ -21,6 +22,8 @@ class StrategyFactory:
     def __call__(self, layout: PayloadLayout) -> Strategy:
         if self.config.name == "fedprox":
             return FedProx(layout, mu=self.config.prox_mu)
+        if self.config.name == "fedadam":
+            return FedAdam(layout, **self.config.fedadam.model_dump())
         if self.config.name == "fedalign_moe":
             return FedAlignMoE(layout, FedAlignOptions(**self.config.fedalign.model_dump()))
         return FedAvg(layout)

@@ -1,0 +1,69 @@
+"""FedAdam (Reddi et al., 2021, arXiv 2003.00295): Adam on the server over the averaged update.
+
+The n-weighted mean update Δ̄ is treated as a pseudo-gradient:
+m ← β1·m + (1 − β1)·Δ̄,  v ← β2·v + (1 − β2)·Δ̄²,  θ ← θ + η·m / (√v + τ).
+The moments m and v are strategy state, so they travel in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
+from aggregation.strategy import RoundResult, Strategy, UpdateReader
+from aggregation.weighting import WeightedMeanAccumulator
+
+
+class FedAdam(Strategy):
+    """Server-side Adam on the n-weighted mean of client deltas (no bias correction, as in the paper)."""
+
+    name = "fedadam"
+
+    def __init__(
+        self, layout: PayloadLayout, *, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        for field, value, ok in (
+            ("server_lr", server_lr, server_lr > 0),
+            ("beta1", beta1, 0 <= beta1 < 1),
+            ("beta2", beta2, 0 <= beta2 < 1),
+            ("tau", tau, tau > 0),
+        ):
+            if not (math.isfinite(value) and ok):
+                raise ValueError(f"strategy.fedadam.{field}: invalid value {value}")
+        super().__init__(layout)
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self._m = np.zeros(layout.total, dtype=np.float64)
+        self._v = np.zeros(layout.total, dtype=np.float64)
+
+    def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        super().begin(global_payload, round_idx=round_idx)
+        self._mean = WeightedMeanAccumulator(self.layout.total)
+
+    def add(self, reader: UpdateReader) -> None:
+        u = self._checked(reader)
+        self._mean.add(u.client_id, reader.read(0, self.layout.total), u.n_examples)
+
+    def finish(self) -> RoundResult:
+        if self._global is None:
+            raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
+        weights = self._mean.normalised_weights()
+        if not weights:
+            return RoundResult(self._global.copy(), {"n_aggregated": 0.0}, {})
+        base = self._global.astype(np.float64)
+        pseudo_grad = self._mean.apply(self._global).astype(np.float64) - base  # Δ̄
+        self._m = self.beta1 * self._m + (1 - self.beta1) * pseudo_grad
+        self._v = self.beta2 * self._v + (1 - self.beta2) * pseudo_grad**2
+        new = base + self.server_lr * self._m / (np.sqrt(self._v) + self.tau)
+        return RoundResult(new.astype(PAYLOAD_DTYPE), {"n_aggregated": float(len(weights))}, weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": self._m.copy(), "v": self._v.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        m, v = np.asarray(state["m"], dtype=np.float64), np.asarray(state["v"], dtype=np.float64)
+        if m.shape != (self.layout.total,) or v.shape != (self.layout.total,):
+            raise ValueError(f"FedAdam state has shapes {m.shape}, {v.shape}; layout expects ({self.layout.total},)")
+        self._m, self._v = m.copy(), v.copy()
