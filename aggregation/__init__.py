@@ -4,7 +4,10 @@ from aggregation.errors import ClientFailure, ConfigError, DataError, FedsimErro
 from aggregation.fedalign_moe import FedAlignMoE, FedAlignOptions
 from aggregation.fedadam import FedAdam
 from aggregation.fedavg import FedAvg
+from aggregation.fedmoe import FedMoE
 from aggregation.fedprox import FedProx
+from aggregation.personal import PersonalExperts
+from aggregation.pfl_moe import PFLMoE
 from aggregation.messages import ClientInstructions, ClientUpdate
 from aggregation.payload import PAYLOAD_DTYPE, EntrySpec, LayoutEntry, PayloadLayout
 from aggregation.routing_stats import RoutingStats
@@ -23,11 +26,14 @@ __all__ = [
     "FedAlignOptions",
     "FedAdam",
     "FedAvg",
+    "FedMoE",
     "FedProx",
     "FedsimError",
     "LayoutEntry",
     "LayoutMismatch",
     "PayloadLayout",
+    "PersonalExperts",
+    "PFLMoE",
     "RoundResult",
     "RoutingStats",
     "Strategy",

@@ -25,6 +25,7 @@ from aggregation import semantic_alignment as sa
 from aggregation.errors import LayoutMismatch
 from aggregation.messages import ClientInstructions
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout, Role
+from aggregation.personal import PersonalExperts
 from aggregation.routing_alignment import ScoreMode
 from aggregation.routing_stats import total_variation
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
@@ -65,8 +66,9 @@ class FedAlignOptions:
     soft_temperature : float
         T of the soft gate.
     expert_agg : {"global", "personalized"}
-        "personalized" needs a payload per client, which the streaming protocol cannot
-        return: the strategy rejects it (use ``semantic_alignment.personalized_view``).
+        "personalized": besides the global merge, each client keeps its own view of
+        every expert, Σ_j γ_ij(e)·θ_j(e) / Σ_j γ_ij(e), and trains from it when sampled
+        again (needs ``semantic``, whose γ it uses).
     sigma_tol : float
         Slack of the hard gate's σ ≥ τ comparison.
     """
@@ -89,6 +91,8 @@ class FedAlignOptions:
                 raise ValueError(f"strategy.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
             raise ValueError(f"strategy.reg_lambda must be a finite number >= 0, got {self.reg_lambda}")
+        if self.expert_agg == "personalized" and not self.semantic:
+            raise ValueError("strategy.expert_agg='personalized' needs strategy.semantic=true (it weights views by γ)")
         if not math.isfinite(self.beta):
             raise ValueError(f"strategy.beta must be finite, got {self.beta}")
         if not (math.isfinite(self.soft_temperature) and self.soft_temperature > 0):
@@ -120,11 +124,6 @@ class FedAlignMoE(Strategy):
     def __init__(self, layout: PayloadLayout, options: FedAlignOptions | None = None) -> None:
         super().__init__(layout)
         self.options = options if options is not None else FedAlignOptions()
-        if self.options.expert_agg == "personalized":
-            raise NotImplementedError(
-                "strategy.expert_agg='personalized' needs a payload per client, which RoundResult cannot carry; "
-                "use expert_agg='global' (semantic_alignment.personalized_view computes the per-client view)"
-            )
         layers = sorted(set(layout.router_layers()) | {k[0] for k in layout.expert_keys()})
         if not layers or layers != list(range(len(layers))):
             raise LayoutMismatch(f"FedAlign-MoE needs MoE layers numbered 0..L-1, layout has {layers}")
@@ -141,13 +140,17 @@ class FedAlignMoE(Strategy):
         self._p_g = ra.uniform_routing(self.num_layers, self.num_experts)
         self._alpha: dict[int, np.ndarray] = {}
         self._has_target = False
+        self.personal = PersonalExperts(layout) if self.options.expert_agg == "personalized" else None
 
     # -- instructions ---------------------------------------------------------------------------
 
     def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
-        """p_g^{t−1}, the client's α (1 for a client never seen) and λ (0 until a p_g target exists)."""
+        """p_g^{t−1}, the client's α (1 for a client never seen), λ (0 until a p_g target exists)
+        and, under ``personalized``, the client's own experts once it has some."""
+        own = self.personal.get(client_id) if self.personal is not None else None
+        personal = None if own is None else own.copy()
         if self.options.gating == "off":
-            return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed)
+            return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, personal=personal)
         alpha = self._alpha.get(client_id) if self.options.adaptive_alpha else None
         return ClientInstructions(
             client_id=client_id,
@@ -156,6 +159,7 @@ class FedAlignMoE(Strategy):
             p_g=self._p_g.copy(),
             alpha=np.ones_like(self._p_g) if alpha is None else alpha.copy(),
             reg_lambda=self.options.reg_lambda if self._has_target else 0.0,
+            personal=personal,
         )
 
     # -- streaming aggregation ------------------------------------------------------------------
@@ -269,6 +273,10 @@ class FedAlignMoE(Strategy):
         opts = self.options
         pi_sum = np.zeros(len(n))
         merged = kept = excluded = counted_pairs = 0
+        if self.personal is not None:
+            block = self.personal.start
+            starts = [self.personal.start_of(cid, self._global) for cid in self._ids]  # type: ignore[arg-type]
+            views = np.empty((len(n), self.personal.size), dtype=PAYLOAD_DTYPE)
         for layer, expert in self.layout.expert_keys():
             a, b = self.layout.expert_span(layer, expert)
             deltas = np.stack([np.asarray(r.read(a, b), dtype=np.float64) for r in self._readers])
@@ -284,6 +292,10 @@ class FedAlignMoE(Strategy):
                     gate=opts.gate, temperature=opts.soft_temperature, tol=opts.sigma_tol,
                 )
                 pi = sa.client_weights(gamma, n)
+                if self.personal is not None:
+                    # (12, personalized) θ_j(e) = start_j(e) + Δ_j(e); client i keeps Σ_j γ_ij θ_j / Σ_j γ_ij
+                    thetas = np.stack([s[a - block : b - block] for s in starts]) + deltas
+                    views[:, a - block : b - block] = sa.personalized_view(gamma, thetas)
                 out, pairs = sa.excluded_pairs(sigma, counted, tau, tol=opts.sigma_tol)
                 excluded, counted_pairs = excluded + out, counted_pairs + pairs
             else:
@@ -293,6 +305,9 @@ class FedAlignMoE(Strategy):
                 pi_sum, merged = pi_sum + pi, merged + 1
             else:
                 kept += 1
+        if self.personal is not None:
+            for cid, view in zip(self._ids, views, strict=True):
+                self.personal.put(cid, view)
         report: dict[str, float] = {}
         if opts.semantic and self.layout.expert_keys():
             report["excluded_pair_frac"] = excluded / counted_pairs if counted_pairs else 0.0
@@ -302,16 +317,20 @@ class FedAlignMoE(Strategy):
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """p_g, α per client id and whether a p_g target exists, as plain lists (JSON-safe)."""
-        return {
+        """p_g, α per client id, whether a p_g target exists (plain lists) and, under
+        ``personalized``, each client's experts (arrays)."""
+        state: dict[str, Any] = {
             "p_g": self._p_g.tolist(),
             "alpha": {int(cid): a.tolist() for cid, a in sorted(self._alpha.items())},
             "has_target": self._has_target,
         }
+        if self.personal is not None:
+            state["personal"] = self.personal.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; client ids may come back as strings (JSON)."""
-        extra = set(state) - {"p_g", "alpha", "has_target"}
+        extra = set(state) - {"p_g", "alpha", "has_target", "personal"}
         if extra:
             raise ValueError(f"FedAlignMoE state has unknown keys {sorted(extra)}")
         shape = self._p_g.shape
@@ -322,5 +341,9 @@ class FedAlignMoE(Strategy):
         for cid, a in alpha.items():
             if a.shape != shape:
                 raise ValueError(f"FedAlignMoE state alpha of client {cid} has shape {a.shape}, layout needs {shape}")
+        if ("personal" in state) != (self.personal is not None):
+            raise ValueError("FedAlignMoE state and options disagree on expert_agg='personalized'")
+        if self.personal is not None:
+            self.personal.load_state_dict(state["personal"])
         self._p_g, self._alpha, self._has_target = p_g, alpha, bool(state["has_target"])
 

@@ -39,6 +39,10 @@ class ClientInstructions:
         The client's adaptive expert weights α_i(e) (FedAlign-MoE).
     reg_lambda : float
         Weight λ of the routing regulariser; 0 disables it.
+    personal : ndarray [expert block] or None
+        The client's own experts (``layout.expert_block`` of the payload) for
+        personalised strategies: the client trains from them instead of the
+        global experts, and its delta is measured from that start.
     """
 
     client_id: int
@@ -48,10 +52,12 @@ class ClientInstructions:
     p_g: np.ndarray | None = None
     alpha: np.ndarray | None = None
     reg_lambda: float = 0.0
+    personal: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _readonly(self.p_g)
         _readonly(self.alpha)
+        _readonly(self.personal)
 
 
 @dataclass(frozen=True, slots=True)

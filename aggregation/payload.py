@@ -154,6 +154,13 @@ class PayloadLayout:
         """[start, stop) of expert ``expert`` of MoE layer ``layer`` in the flat buffer."""
         return self._expert_spans[(layer, expert)]
 
+    @property
+    def expert_block(self) -> tuple[int, int]:
+        """[start, stop) holding every expert entry: experts come last in canonical order, so it is one span."""
+        if not self._expert_spans:
+            return self.total, self.total
+        return min(a for a, _ in self._expert_spans.values()), self.total
+
     def router_layers(self) -> list[int]:
         return list(self._router_spans)
 

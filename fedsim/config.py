@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +20,19 @@ from aggregation.errors import ConfigError
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_off(cls, data: Any) -> Any:
+        """YAML 1.1 reads a bare ``off`` as false: give choice fields that offer "off" the word back."""
+        if not isinstance(data, dict):
+            return data
+        fixed = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if value is False and field is not None and "off" in get_args(field.annotation):
+                fixed[name] = "off"
+        return fixed
 
 
 class PretrainConfig(_Section):
@@ -114,6 +127,29 @@ class FedAlignConfig(_Section):
     beta: float = Field(1.0, description="τ = M − β·Σ")
     gate: Literal["hard", "soft"] = "hard"
     soft_temperature: float = Field(0.05, gt=0)
+    expert_agg: Literal["global", "personalized"] = Field(
+        "global", description="personalized: each client also keeps its γ-weighted view of every expert"
+    )
+
+    @model_validator(mode="after")
+    def _personalized_needs_semantic(self) -> FedAlignConfig:
+        if self.expert_agg == "personalized" and not self.semantic:
+            raise ValueError("expert_agg='personalized' needs semantic=true (the views are weighted by γ)")
+        return self
+
+
+class FedMoEConfig(_Section):
+    """FedMoE-style baseline: each expert averaged by the clients' usage counts."""
+
+    router_weighting: Literal["usage", "n"] = Field("usage", description="router row e by usage of e, or by n_i")
+
+
+class PFLMoEConfig(_Section):
+    """PFL-MoE-style baseline: experts kept per client, shared parts and routers FedAvg'd."""
+
+    global_experts: Literal["fedavg", "frozen"] = Field(
+        "fedavg", description="global experts (newcomers, global eval): n-weighted mean of trained ones, or frozen"
+    )
 
 
 class FedAdamConfig(_Section):
@@ -126,10 +162,18 @@ class FedAdamConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedalign_moe"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmoe", "pfl_moe", "fedalign_moe"] = "fedavg"
     prox_mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="FedProx μ")
     fedadam: FedAdamConfig = FedAdamConfig()
+    fedmoe: FedMoEConfig = FedMoEConfig()
+    pfl_moe: PFLMoEConfig = PFLMoEConfig()
     fedalign: FedAlignConfig = FedAlignConfig()
+
+    def needs_routing_stats(self) -> bool:
+        """Whether the server reads the clients' routing statistics."""
+        if self.name == "fedmoe":
+            return True
+        return self.name == "fedalign_moe" and (self.fedalign.gating != "off" or self.fedalign.semantic)
 
 
 class WorkersConfig(_Section):
@@ -175,6 +219,8 @@ class RunConfig(_Section):
             raise ValueError(
                 f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
             )
+        if self.train.routing_stats == "off" and self.strategy.needs_routing_stats():
+            raise ValueError(f"train.routing_stats='off', but strategy.name={self.strategy.name!r} reads routing statistics")
         return self
 
     def digest(self, *sections: str) -> str:

@@ -304,4 +304,5 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "aggregator_peak_rss_mib": s.aggregator_peak_rss_mib,
         "aggregator_uss_mib": s.aggregator_uss_mib,
         "driver_peak_rss_mib": 0.0,
+        **s.report,  # the strategy's own columns (e.g. FedAlign-MoE's omega_entropy, excluded_pair_frac)
     }

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from aggregation.fedadam import FedAdam
 from aggregation.fedalign_moe import FedAlignMoE, FedAlignOptions
 from aggregation.fedavg import FedAvg
+from aggregation.fedmoe import FedMoE
 from aggregation.fedprox import FedProx
+from aggregation.pfl_moe import PFLMoE
 from aggregation.payload import PayloadLayout
 from aggregation.strategy import Strategy
 from fedsim.config import StrategyConfig
@@ -24,6 +26,10 @@ class StrategyFactory:
             return FedProx(layout, mu=self.config.prox_mu)
         if self.config.name == "fedadam":
             return FedAdam(layout, **self.config.fedadam.model_dump())
+        if self.config.name == "fedmoe":
+            return FedMoE(layout, **self.config.fedmoe.model_dump())
+        if self.config.name == "pfl_moe":
+            return PFLMoE(layout, **self.config.pfl_moe.model_dump())
         if self.config.name == "fedalign_moe":
             return FedAlignMoE(layout, FedAlignOptions(**self.config.fedalign.model_dump()))
         return FedAvg(layout)

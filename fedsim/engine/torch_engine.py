@@ -131,6 +131,12 @@ class TorchEngine:
         if len(indices) == 0:
             raise ClientFailure(cid, rnd, "client has no training examples")
 
+        if instructions.personal is not None:  # a personalised client starts from its own experts
+            payload = payload.copy()
+            a, b = self.layout.expert_block
+            if instructions.personal.shape != (b - a,):
+                raise ClientFailure(cid, rnd, f"personal experts have shape {instructions.personal.shape}, layout needs ({b - a},)")
+            payload[a:b] = instructions.personal
         write_payload(self.model, self.layout, payload)
         cfg = self.spec.train
         gen = torch.Generator().manual_seed(instructions.seed)
@@ -182,8 +188,8 @@ class TorchEngine:
 
         delta = read_payload(self.model, self.layout)
         np.subtract(delta, payload, out=delta)
-        down = self.layout.role_bytes()
-        up = dict(down)
+        up = self.layout.role_bytes()
+        down = dict(up, expert=0) if instructions.personal is not None else dict(up)  # own experts stay on the client
         up["routing_stats"] = sum(s.nbytes for s in routing)
         return ClientUpdate(
             client_id=cid,

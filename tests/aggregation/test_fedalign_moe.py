@@ -366,10 +366,44 @@ class TestFailure:
         with pytest.raises(RuntimeError, match=r"before begin\(\)"):
             strategy.finish()
 
-    def test_personalized_expert_aggregation_is_rejected_by_the_streaming_strategy(self):
+    def test_personalized_needs_semantic_aggregation(self):
         # Execute / Assert
-        with pytest.raises(NotImplementedError, match="expert_agg='personalized'"):
-            FedAlignMoE(_layout(), FedAlignOptions(expert_agg="personalized"))
+        with pytest.raises(ValueError, match="expert_agg='personalized' needs strategy.semantic"):
+            FedAlignOptions(expert_agg="personalized", semantic=False)
+
+    def test_personalized_clients_keep_their_gamma_weighted_view_and_train_from_it(self):
+        # Prepare: same signatures; expert 0 updates agree (D = 1), expert 1 updates are opposite (D = −1)
+        layout = _layout()
+        (a0, b0), (a1, b1) = layout.expert_span(0, 0), layout.expert_span(0, 1)
+        d0, d1 = layout.zeros(), layout.zeros()
+        d0[a0:b0], d1[a0:b0] = 1.0, 3.0
+        d0[a1:b1], d1[a1:b1] = 1.0, -1.0
+        strategy = FedAlignMoE(layout, FedAlignOptions(expert_agg="personalized"))
+
+        # Execute
+        result = _run(strategy, layout.zeros(), [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])])
+
+        # Assert: views — expert 0: (1 + 3)/2 for both; expert 1: γ_01 = 0, each keeps its own θ
+        block = layout.expert_block[0]
+        own0, own1 = strategy.configure(0, 2, seed=0).personal, strategy.configure(1, 2, seed=0).personal
+        np.testing.assert_allclose(own0[a0 - block : b0 - block], 2.0)
+        np.testing.assert_allclose(own1[a0 - block : b0 - block], 2.0)
+        np.testing.assert_allclose(own0[a1 - block : b1 - block], 1.0)
+        np.testing.assert_allclose(own1[a1 - block : b1 - block], -1.0)
+        assert strategy.configure(2, 2, seed=0).personal is None
+        # the global merge is eq. 12 as without the option: π = [1, 3]/4 on expert 0, expert 1 kept
+        np.testing.assert_allclose(result.payload[a0:b0], 0.25 * 1 + 0.75 * 3)
+        np.testing.assert_array_equal(result.payload[a1:b1], 0.0)
+
+        # Execute: round 2, client 0 returns with no change; its θ is its own view, not the global expert
+        g = result.payload
+        _run(strategy, g, [_reader(0, 1, layout.zeros(), [_stats(SAME_MU)], round_idx=2)], round_idx=2)
+
+        # Assert
+        np.testing.assert_allclose(strategy.configure(0, 3, seed=0).personal, own0)
+        restored = FedAlignMoE(layout, FedAlignOptions(expert_agg="personalized"))
+        restored.load_state_dict(strategy.state_dict())
+        np.testing.assert_allclose(restored.configure(0, 3, seed=0).personal, own0)
 
     @pytest.mark.parametrize(
         ("field", "value"),

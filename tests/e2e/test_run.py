@@ -63,5 +63,23 @@ def test_run_fedalign_moe_two_rounds(ray_session, tiny_config, tmp_path: Path) -
     result = run(tiny_config("strategy.name=fedalign_moe", "data.alpha=0.3"), out=tmp_path / "fedalign")
     rounds = result.rounds
     assert list(rounds["round"]) == [1, 2] and rounds["test_accuracy"].between(0, 1).all()
+    assert rounds["omega_entropy"].notna().all() and rounds["excluded_pair_frac"].between(0, 1).all()
     weights = result.clients.groupby("round")["weight"].sum()
     assert np.allclose(weights.to_numpy(), 1.0)
+
+
+def test_run_fedmoe_weights_clients_by_expert_usage(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config("strategy.name=fedmoe", "data.alpha=0.3", "rounds=1"), out=tmp_path / "fedmoe")
+    clients = result.clients
+    assert np.isclose(clients["weight"].sum(), 1.0)
+    n_share = clients["n_examples"] / clients["n_examples"].sum()
+    assert not np.allclose(clients["weight"].to_numpy(), n_share.to_numpy())  # usage, not example counts
+
+
+def test_run_pfl_moe_keeps_experts_on_returning_clients(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config("strategy.name=pfl_moe"), out=tmp_path / "pfl")
+    rounds, clients = result.rounds, result.clients
+    assert rounds["test_accuracy"].between(0, 1).all() and rounds["personal_clients"].tolist() == [6.0, 6.0]
+    # every client returns in round 2 and downloads no experts: its own stayed with it
+    down = clients.pivot(index="client", columns="round", values="bytes_down")
+    assert (down[2] < down[1]).all()

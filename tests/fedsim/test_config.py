@@ -66,3 +66,20 @@ def test_digest_changes_with_section_value() -> None:
     b = load_config(None, ["model.hidden_size=128"])
     assert a.digest("model") != b.digest("model")
     assert a.digest("data") == b.digest("data")
+
+
+def test_a_bare_yaml_off_is_the_choice_off(tmp_path: Path) -> None:
+    # Prepare: YAML 1.1 reads `off` as false
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  routing_stats: off\nstrategy:\n  fedalign:\n    gating: off\n")
+
+    # Execute
+    cfg = load_config(path, [])
+
+    # Assert
+    assert cfg.train.routing_stats == "off" and cfg.strategy.fedalign.gating == "off"
+
+
+def test_false_for_a_choice_without_off_still_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="train.loss"):
+        load_config(None, ["train.loss=false"])

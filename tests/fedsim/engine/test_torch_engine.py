@@ -147,3 +147,27 @@ def test_prepare_keys_cache_by_every_corpus_setting(setup) -> None:  # type: ign
     # Partition-only settings reuse the same base and encoded data.
     regrouped = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "data.partition=dirichlet", "data.alpha=5.0"]))
     assert regrouped.train_path == prepared.train_path and regrouped.base_path == prepared.base_path
+
+
+def test_personal_experts_are_the_start_and_do_not_count_as_downloaded(setup) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a personal expert block that differs from the global one
+    engine, prepared = setup
+    rows, payload = prepared.partitions[0], engine.initial_payload
+    a, b = engine.layout.expert_block
+    own = payload[a:b] + np.float32(0.05)
+    start = payload.copy()
+    start[a:b] = own
+    # Execute
+    personal = engine.train(rows, payload, ClientInstructions(client_id=0, round_idx=1, seed=5, personal=own))
+    explicit = engine.train(rows, start, _instr(0, seed=5))
+    # Assert: the same as training from the patched payload, and expert bytes were not sent down
+    np.testing.assert_array_equal(personal.delta, explicit.delta)
+    assert personal.bytes_down["expert"] == 0 and explicit.bytes_down["expert"] == (b - a) * 4
+    assert personal.bytes_up["expert"] == (b - a) * 4
+
+
+def test_personal_experts_of_the_wrong_size_name_the_client(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    bad = ClientInstructions(client_id=2, round_idx=4, seed=0, personal=np.zeros(3, dtype=np.float32))
+    with pytest.raises(ClientFailure, match="client 2.*round 4.*personal experts"):
+        engine.train(prepared.partitions[2], engine.initial_payload, bad)

@@ -1,0 +1,71 @@
+"""Per-client expert state for personalised strategies (PFL-MoE-style, FedAlign-MoE ``personalized``).
+
+A personalised client keeps its own values of the routed experts between the
+rounds it is sampled in. In a deployment they never leave the device; the
+simulator keeps them with the strategy, keyed by client id, and sends them
+down in ``ClientInstructions.personal`` so that any worker can train the
+client. Experts come last in the payload's canonical order, so a client's
+experts are one contiguous block, ``layout.expert_block``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
+
+
+class PersonalExperts:
+    """Client id → that client's expert block (float32), for clients seen so far."""
+
+    def __init__(self, layout: PayloadLayout) -> None:
+        self.start, self.stop = layout.expert_block
+        self._values: dict[int, np.ndarray] = {}
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def __contains__(self, client_id: int) -> bool:
+        return client_id in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self._values.values())
+
+    def get(self, client_id: int) -> np.ndarray | None:
+        """A read-only view of the client's experts; None for a client never stored."""
+        values = self._values.get(client_id)
+        if values is None:
+            return None
+        view = values.view()
+        view.flags.writeable = False
+        return view
+
+    def start_of(self, client_id: int, global_payload: np.ndarray) -> np.ndarray:
+        """The expert block client ``client_id`` trained from: its own, else the global one."""
+        own = self.get(client_id)
+        return own if own is not None else global_payload[self.start : self.stop]
+
+    def put(self, client_id: int, values: np.ndarray) -> None:
+        if values.shape != (self.size,):
+            raise ValueError(f"client {client_id}: personal experts have shape {values.shape}, expected ({self.size},)")
+        self._values[client_id] = np.array(values, dtype=PAYLOAD_DTYPE)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {int(cid): v.copy() for cid, v in sorted(self._values.items())}
+
+    def load_state_dict(self, state: dict[Any, Any]) -> None:
+        """Restore ``state_dict()``'s output; client ids may come back as strings (JSON)."""
+        values = {}
+        for cid, v in state.items():
+            a = np.asarray(v, dtype=PAYLOAD_DTYPE)
+            if a.shape != (self.size,):
+                raise ValueError(f"personal experts of client {cid} have shape {a.shape}, expected ({self.size},)")
+            values[int(cid)] = a.copy()
+        self._values = values

@@ -1,0 +1,92 @@
+"""PFL-MoE-style personalised experts: experts stay with each client, the rest is FedAvg'd.
+
+A personalisation baseline for MoE fine-tuning in the spirit of PFL-MoE (Guo et
+al., 2021, arXiv 2012.15589): each client keeps its own routed experts across
+the rounds it is sampled in, while the shared parts (attention LoRA) and the
+routers are averaged by n_i as in FedAvg. A client sampled for the first time
+starts from the global experts. The global experts, which newcomers start from
+and the global test set evaluates, are ``global_experts = "fedavg"``: the
+n-weighted mean of the cohort's trained experts θ_i(e) (which makes round 1
+exactly FedAvg), or ``"frozen"``: never updated, so experts are purely local.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from aggregation.messages import ClientInstructions
+from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
+from aggregation.personal import PersonalExperts
+from aggregation.strategy import RoundResult, Strategy, UpdateReader
+
+GlobalExperts = Literal["fedavg", "frozen"]
+
+
+class PFLMoE(Strategy):
+    """Local experts per client id; shared entries and routers averaged by n_i."""
+
+    name = "pfl_moe"
+
+    def __init__(self, layout: PayloadLayout, *, global_experts: GlobalExperts = "fedavg") -> None:
+        if global_experts not in ("fedavg", "frozen"):
+            raise ValueError(f"strategy.pfl_moe.global_experts must be 'fedavg' or 'frozen', got {global_experts!r}")
+        super().__init__(layout)
+        self.global_experts = global_experts
+        self.personal = PersonalExperts(layout)
+
+    def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
+        """The client's own experts when it has been sampled before; None (global experts) otherwise."""
+        own = self.personal.get(client_id)
+        return ClientInstructions(
+            client_id=client_id, round_idx=round_idx, seed=seed, personal=None if own is None else own.copy()
+        )
+
+    def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        super().begin(global_payload, round_idx=round_idx)
+        self._sum = np.zeros(self.layout.total, dtype=np.float64)  # Σ n_i Δ_i before the expert block, Σ n_i θ_i in it
+        self._n: dict[int, float] = {}
+        self._trained: dict[int, np.ndarray] = {}
+
+    def add(self, reader: UpdateReader) -> None:
+        u = self._checked(reader)
+        if u.client_id in self._n:
+            raise ValueError(f"client {u.client_id}: update added twice in one round")
+        a, b = self.personal.start, self.personal.stop
+        n = float(u.n_examples)
+        np.add(self._sum[:a], np.multiply(reader.read(0, a), n, dtype=np.float64), out=self._sum[:a])
+        start = self.personal.start_of(u.client_id, self._global)  # type: ignore[arg-type]
+        theta = start.astype(np.float64) + reader.read(a, b)
+        self._sum[a:b] += n * theta
+        self._trained[u.client_id] = theta.astype(PAYLOAD_DTYPE)  # stored at finish: a failed round changes nothing
+        self._n[u.client_id] = n
+
+    def finish(self) -> RoundResult:
+        if self._global is None:
+            raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
+        total = sum(self._n.values())
+        if not total:
+            return RoundResult(self._global.copy(), {"n_aggregated": 0.0}, {})
+        a, b = self.personal.start, self.personal.stop
+        new = self._global.astype(np.float64)
+        new[:a] += self._sum[:a] / total
+        if self.global_experts == "fedavg":
+            new[a:b] = self._sum[a:b] / total
+        for cid, theta in self._trained.items():
+            self.personal.put(cid, theta)
+        self._trained = {}
+        report = {
+            "n_aggregated": float(len(self._n)),
+            "personal_clients": float(len(self.personal)),
+            "personal_state_mib": self.personal.nbytes / 2**20,
+        }
+        return RoundResult(new.astype(PAYLOAD_DTYPE), report, {cid: n / total for cid, n in self._n.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"personal": self.personal.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"personal"}:
+            raise ValueError(f"PFLMoE state must have the key 'personal', got {sorted(state)}")
+        self.personal.load_state_dict(state["personal"])
