@@ -1,8 +1,8 @@
 """Aggregator: a Ray actor that runs a Strategy over updates as they complete.
 
-Updates arrive as object refs; the actor waits on them with ``ray.wait`` and
-reads each one zero-copy from the object store, so the cohort is never
-gathered into driver memory. Arrivals are folded into the strategy in cohort
+Updates arrive as object refs; the actor waits on them with ``ray.wait``
+(without prefetching the rest) and reads each one zero-copy from the object
+store, so the cohort is never gathered into driver or aggregator memory. Arrivals are folded into the strategy in cohort
 order through a small reorder buffer (of refs-backed views, not copies): the
 result is bit-identical whatever the number of workers or arrival order.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import psutil
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
@@ -80,12 +80,12 @@ class Aggregator:
         p_bar: dict[int, list[np.ndarray]] = {}
         failures: list[str] = []
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             for ref in ready:
                 i = position.pop(ref)
                 try:
-                    arrived[i] = ray.get(ref)
-                except (RayTaskError, RayActorError, ray.exceptions.RaySystemError) as exc:
+                    arrived[i] = ray.get(ray.get(ref))  # the task returns a reference to the stored update
+                except (RayTaskError, RayActorError, ObjectLostError, ray.exceptions.RaySystemError) as exc:
                     failures.append(_failure_reason(exc))
                     arrived[i] = None
             del ready, ref

@@ -45,13 +45,23 @@ class ClientWorker:
 
     def train(
         self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions
-    ) -> ClientUpdate:
+    ) -> ray.ObjectRef:
+        """Train one client; return a reference to its ``ClientUpdate`` in the shared object store.
+
+        The update is put explicitly rather than returned: Ray inlines a small
+        task return (under 100 KiB) into the reference itself, so every
+        process handed the reference receives a private copy of the value.
+        Measured on the tiny model's 56 KiB updates: 500 of them added 52 MiB
+        to the aggregator before it read one. ``ray.put`` always writes to
+        shared memory, which the aggregator then reads zero-copy.
+        """
         try:
-            return self.engine.train(indices, payload, instructions)
+            update = self.engine.train(indices, payload, instructions)
         except ClientFailure:
             raise
         except Exception as exc:  # any failure becomes data naming the client and round
             raise ClientFailure(instructions.client_id, instructions.round_idx, f"{type(exc).__name__}: {exc}") from exc
+        return ray.put(update)
 
     def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[Any]:
         return self.engine.evaluate(payload, chunks)

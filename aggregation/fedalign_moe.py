@@ -260,11 +260,11 @@ class FedAlignMoE(Strategy):
 
     def _merge_router(self, new: np.ndarray, layer: int, weights: np.ndarray) -> None:
         """Eq. 5 on every router entry of ``layer``: row e of an [E, ...] entry is expert e's."""
-        a, b = self.layout.router_span(layer)
-        deltas = [np.asarray(r.read(a, b), dtype=np.float64) for r in self._readers]
         for entry in self.layout.select(role="router", layer=layer):  # every one is [E, ...] (checked at init)
             lo, hi = entry.offset, entry.offset + entry.size
-            rows = np.stack([d[lo - a:hi - a].reshape(self.num_experts, -1) for d in deltas])
+            rows = np.empty((len(self._readers), self.num_experts, entry.size // self.num_experts))
+            for i, r in enumerate(self._readers):
+                rows[i] = r.read(lo, hi).reshape(self.num_experts, -1)
             merged = ra.merge_router_rows(new[lo:hi].reshape(self.num_experts, -1), rows, weights)
             new[lo:hi] = merged.reshape(-1).astype(PAYLOAD_DTYPE)
 
@@ -277,14 +277,20 @@ class FedAlignMoE(Strategy):
             block = self.personal.start
             starts = [self.personal.start_of(cid, self._global) for cid in self._ids]  # type: ignore[arg-type]
             views = np.empty((len(n), self.personal.size), dtype=PAYLOAD_DTYPE)
-        for layer, expert in self.layout.expert_keys():
-            a, b = self.layout.expert_span(layer, expert)
-            deltas = np.stack([np.asarray(r.read(a, b), dtype=np.float64) for r in self._readers])
+        spans = [self.layout.expert_span(*key) for key in self.layout.expert_keys()]
+        width = max((b - a for a, b in spans), default=0)
+        cohort_slice = np.empty((len(n), width), dtype=np.float64)  # the one slice × cohort held at a time
+        signatures: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer → μ [N, E, d], counts [N, E]
+        for (layer, expert), (a, b) in zip(self.layout.expert_keys(), spans, strict=True):
+            deltas = cohort_slice[:, : b - a]
+            for i, r in enumerate(self._readers):
+                deltas[i] = r.read(a, b)  # float32 → float64 in place, no temporary
             if opts.semantic:
-                stats = [r.update.routing[layer] for r in self._readers]
-                sigma, counted = sa.signature_similarity(
-                    np.stack([st.mu[expert] for st in stats]), np.array([st.counts[expert] for st in stats])
-                )
+                if layer not in signatures:
+                    stats = [r.update.routing[layer] for r in self._readers]
+                    signatures = {layer: (np.stack([st.mu for st in stats]), np.stack([st.counts for st in stats]))}
+                mu, counts = signatures[layer]
+                sigma, counted = sa.signature_similarity(mu[:, expert], counts[:, expert])
                 consensus = sa.direction_consensus(sa.slice_gram(deltas))
                 tau = sa.threshold(sigma, counted, beta=opts.beta)
                 gamma = sa.gate_weights(

@@ -1,0 +1,237 @@
+"""Aggregation cost: streaming merge throughput, the O(N²) pairwise terms, and aggregator memory.
+
+Three tables, on payload layouts read off real peft-wrapped Mixtral models
+(``--shape tiny``: the tests' tiny model; ``demo``: the demo's model) and
+synthetic client updates (random deltas and routing statistics):
+
+1. throughput: one round of each strategy (begin, add × N, finish) over N
+   updates, as bytes of update merged per second, against a ``numpy`` copy
+   of the same number of bytes in the same process. ``merge_gb_s`` leaves
+   out FedAlign-MoE's O(N²) pairwise terms (table 2), which are compute, not
+   streaming; ``merge_vs_copy`` ≥ 0.5 is the target;
+2. pairwise: FedAlign-MoE's O(N²) terms (σ, the Gram matrix, D, τ, γ, π) per
+   round at N = 10, 100, 500, timed on the same slices, and their share of
+   the whole FedAlign-MoE round;
+3. memory: the Aggregator actor on a local Ray, fed N updates that remote
+   tasks put in the object store as workers do; its peak RSS and private
+   memory (USS) after the round, against what it must hold (``must_hold_mib``).
+   Updates read zero-copy from the object store are shared pages: they count
+   in RSS once touched, not in USS. ``growth_beyond_must_hold``: how much
+   USS grew from the smallest cohort beyond the growth of what must be held,
+   relative to the smallest cohort's USS (target < 0.10).
+
+    .venv/bin/python benchmarks/aggregate.py [--shape tiny|demo] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+
+from actors.aggregator import Aggregator  # noqa: E402
+from aggregation import ArrayReader, ClientUpdate, FedAlignMoE, FedAvg, FedMoE, PayloadLayout, RoutingStats  # noqa: E402
+from aggregation import semantic_alignment as sa  # noqa: E402
+from aggregation.strategy import Strategy  # noqa: E402
+from fedsim.models.layout import build_layout  # noqa: E402
+from fedsim.models.lora import apply_lora  # noqa: E402
+from fedsim.models.registry import build_model  # noqa: E402
+from fedsim.quiet import quiet_libraries  # noqa: E402
+
+SHAPES = {  # hidden, layers, experts, LoRA rank, expert intermediate size: the tests' tiny model and the demo's
+    "tiny": dict(hidden_size=64, num_layers=2, num_experts=4, rank=4, intermediate_size=64),
+    "demo": dict(hidden_size=128, num_layers=4, num_experts=8, rank=8, intermediate_size=256),
+}
+STRATEGIES: dict[str, Callable[[PayloadLayout], Strategy]] = {
+    "fedavg": FedAvg, "fedmoe": FedMoE, "fedalign_moe": FedAlignMoE,
+}
+
+
+def real_layout(shape: str) -> tuple[PayloadLayout, int]:
+    """The payload layout of a peft-wrapped Mixtral of ``shape``, and its hidden size."""
+    s = SHAPES[shape]
+    model = build_model(
+        "mixtral", vocab_size=600, hidden_size=s["hidden_size"], num_layers=s["num_layers"], num_heads=4,
+        num_kv_heads=2, intermediate_size=s["intermediate_size"], num_experts=s["num_experts"], top_k=2,
+        max_position=128, seed=0,
+    )
+    return build_layout(apply_lora(model, rank=s["rank"], alpha=2 * s["rank"], dropout=0.0)), s["hidden_size"]
+
+
+def synthetic_update(layout: PayloadLayout, hidden: int, client_id: int, round_idx: int = 1) -> ClientUpdate:
+    """Random delta and routing statistics of plausible shape; every client uses every expert."""
+    rng = np.random.default_rng(client_id)
+    num_experts = layout.select(role="router")[0].shape[0]
+    stats = []
+    for _ in range(layout.num_layers):
+        counts = rng.integers(1, 200, size=num_experts).astype(np.float64)
+        mu = rng.normal(size=(num_experts, hidden)) + np.eye(num_experts, hidden) * 3
+        stats.append(RoutingStats(
+            n_tokens=int(counts.sum()) // 2, p_sum=counts / 2, counts=counts,
+            margin_sum=counts * rng.uniform(0, 0.3, num_experts), x_sum=mu * counts[:, None],
+        ))
+    delta = rng.normal(scale=1e-3, size=layout.total).astype(np.float32)
+    return ClientUpdate(client_id, round_idx, int(rng.integers(20, 200)), delta, tuple(stats))
+
+
+def one_round(strategy: Strategy, base: np.ndarray, updates: list[ClientUpdate]) -> float:
+    """Seconds for begin, add × N, finish."""
+    t = time.perf_counter()
+    strategy.begin(base, round_idx=1)
+    for u in updates:
+        strategy.add(ArrayReader(u))
+    strategy.finish()
+    return time.perf_counter() - t
+
+
+def copy_seconds(updates: list[ClientUpdate]) -> float:
+    """A numpy copy of the same bytes: each update into its row of one preallocated array."""
+    out = np.ones((len(updates), updates[0].delta.size), dtype=updates[0].delta.dtype)  # pages touched: no faults timed
+    t = time.perf_counter()
+    for i, u in enumerate(updates):
+        np.copyto(out[i], u.delta)
+    return time.perf_counter() - t
+
+
+def best_of(repeats: int, fn: Callable[[], float]) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def throughput_table(layout: PayloadLayout, hidden: int, sizes: list[int], repeats: int) -> pd.DataFrame:
+    base = np.zeros(layout.total, dtype=np.float32)
+    rows = []
+    for n in sizes:
+        updates = [synthetic_update(layout, hidden, c) for c in range(n)]
+        merged_gb = n * layout.nbytes / 1e9
+        copy_s = best_of(repeats, lambda: copy_seconds(updates))
+        for name, make in STRATEGIES.items():
+            seconds = best_of(repeats, lambda: one_round(make(layout), base, updates))
+            pair_s = best_of(repeats, lambda: pairwise_seconds(layout, updates)) if name == "fedalign_moe" else 0.0
+            rows.append({"strategy": name, "clients": n, "update_mib": layout.nbytes / 2**20, "round_s": seconds,
+                         "pairwise_s": pair_s, "round_gb_s": merged_gb / seconds,
+                         "merge_gb_s": merged_gb / (seconds - pair_s), "copy_gb_s": merged_gb / copy_s,
+                         "merge_vs_copy": copy_s / (seconds - pair_s)})
+    return pd.DataFrame(rows)
+
+
+def pairwise_seconds(layout: PayloadLayout, updates: list[ClientUpdate]) -> float:
+    """FedAlign-MoE's O(N²) terms over every expert slice, as its expert pass computes them."""
+    n = np.array([u.n_examples for u in updates], dtype=np.float64)
+    total = 0.0
+    for layer, expert in layout.expert_keys():
+        a, b = layout.expert_span(layer, expert)
+        deltas = np.stack([np.asarray(u.delta[a:b], dtype=np.float64) for u in updates])  # not timed: the merge needs it too
+        mu = np.stack([u.routing[layer].mu[expert] for u in updates])
+        counts = np.array([u.routing[layer].counts[expert] for u in updates])
+        t = time.perf_counter()
+        sigma, counted = sa.signature_similarity(mu, counts)
+        consensus = sa.direction_consensus(sa.slice_gram(deltas))
+        tau = sa.threshold(sigma, counted)
+        sa.client_weights(sa.gate_weights(sigma, counted, consensus, tau), n)
+        total += time.perf_counter() - t
+    return total
+
+
+def pairwise_table(layout: PayloadLayout, hidden: int, sizes: list[int], repeats: int) -> pd.DataFrame:
+    base = np.zeros(layout.total, dtype=np.float32)
+    rows = []
+    for n in sizes:
+        updates = [synthetic_update(layout, hidden, c) for c in range(n)]
+        round_s = best_of(repeats, lambda: one_round(FedAlignMoE(layout), base, updates))
+        pair_s = best_of(repeats, lambda: pairwise_seconds(layout, updates))
+        rows.append({"clients": n, "experts": len(layout.expert_keys()), "round_s": round_s,
+                     "pairwise_s": pair_s, "pairwise_share": pair_s / round_s})
+    return pd.DataFrame(rows)
+
+
+@ray.remote(num_cpus=1)
+def _remote_update(layout: PayloadLayout, hidden: int, client_id: int) -> ray.ObjectRef:
+    """As ``ClientWorker.train`` does: the update put in the object store, its reference returned."""
+    return ray.put(synthetic_update(layout, hidden, client_id))
+
+
+def must_hold_mib(name: str, layout: PayloadLayout, update: ClientUpdate, n: int) -> dict[str, float]:
+    """What a strategy must hold for a cohort of ``n``, by part (MiB).
+
+    Every strategy: the global payload and its float64 accumulator. FedAlign-MoE
+    also: one expert slice × cohort (float64), every client's routing statistics
+    (Modules 1 and 2 read them all), and its N×N pairwise matrices σ, D and γ.
+    """
+    widest = max(b - a for a, b in (layout.expert_span(*k) for k in layout.expert_keys()))
+    parts = {"payload_mib": 3 * layout.nbytes / 2**20, "slices_mib": 0.0, "stats_mib": 0.0, "pairwise_mib": 0.0}
+    if name == "fedalign_moe":
+        parts["slices_mib"] = n * widest * 8 / 2**20
+        parts["stats_mib"] = n * sum(st.nbytes for st in update.routing) / 2**20
+        parts["pairwise_mib"] = 3 * n * n * 8 / 2**20
+    return parts
+
+
+def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.DataFrame:
+    """A fresh Aggregator actor per strategy and cohort size, so its peak RSS is that round's."""
+    sample = synthetic_update(layout, hidden, 0)
+    rows = []
+    for n in sizes:
+        for name in ("fedavg", "fedalign_moe"):
+            aggregator = Aggregator.remote(STRATEGIES[name], layout)
+            refs = [_remote_update.remote(layout, hidden, c) for c in range(n)]
+            ray.wait(refs, num_returns=n)
+            payload_ref = ray.put(np.zeros(layout.total, dtype=np.float32))
+            new_ref, summary_ref = aggregator.aggregate.remote(1, payload_ref, refs)
+            del refs
+            summary = ray.get(summary_ref)
+            del new_ref
+            hold = must_hold_mib(name, layout, sample, n)
+            rows.append({"strategy": name, "clients": n, "cohort_mib": n * layout.nbytes / 2**20, **hold,
+                         "must_hold_mib": sum(hold.values()),
+                         "peak_rss_mib": summary.aggregator_peak_rss_mib, "uss_mib": summary.aggregator_uss_mib})
+            ray.kill(aggregator)
+    table = pd.DataFrame(rows)
+    first_uss = table.groupby("strategy")["uss_mib"].transform("first")
+    first_hold = table.groupby("strategy")["must_hold_mib"].transform("first")
+    # growth of private memory from the smallest cohort, beyond the growth of what must be held, relative
+    table["growth_beyond_must_hold"] = (table["uss_mib"] - first_uss - (table["must_hold_mib"] - first_hold)) / first_uss
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--throughput-clients", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--pairwise-clients", type=int, nargs="+", default=[10, 100, 500])
+    parser.add_argument("--memory-clients", type=int, nargs="+", default=[50, 500])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small cohorts, one repeat")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if args.quick:
+        args.throughput_clients, args.pairwise_clients, args.memory_clients, args.repeats = [10], [10, 50], [10, 50], 1
+    quiet_libraries()
+    layout, hidden = real_layout(args.shape)
+    print(f"payload: {layout.total} float32 ({layout.nbytes / 2**20:.3f} MiB), "
+          f"{len(layout.expert_keys())} expert slices, shape {args.shape}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"throughput": throughput_table(layout, hidden, args.throughput_clients, args.repeats),
+              "pairwise": pairwise_table(layout, hidden, args.pairwise_clients, args.repeats)}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        tables["memory"] = memory_table(layout, hidden, args.memory_clients)
+    finally:
+        ray.shutdown()
+    for name, table in tables.items():
+        table.to_csv(out / f"aggregate_{name}_{args.shape}.csv", index=False)
+        print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The ablation table's summary columns on hand-made accuracy curves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.paper_ablation import summarise
+
+
+def _curve(setting: str, seed: int, accuracies: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"round": range(1, len(accuracies) + 1), "test_accuracy": accuracies,
+                         "alpha": 0.1, "seed": seed, "setting": setting})
+
+
+def test_final_early_and_rounds_to_ninety_percent_of_the_best_final():
+    # Prepare: 12 rounds; fedalign's two seeds end at 0.8, fedavg ends at 0.5 and never reaches 0.72
+    fast = [0.5, 0.75] + [0.8] * 10
+    slow = [0.3] * 6 + [0.74] * 6
+    curves = pd.concat([
+        _curve("fedalign_moe", 0, fast), _curve("fedalign_moe", 1, slow), _curve("fedavg", 0, [0.5] * 12),
+    ])
+
+    # Execute
+    table = summarise(curves).set_index("setting")
+
+    # Assert: best final mean = (0.8 + 0.74)/2 = 0.77 → target 0.693
+    assert table.loc["fedalign_moe", "target_90"] == pytest.approx(0.693)
+    assert table.loc["fedalign_moe", "final_mean"] == pytest.approx(0.77)
+    assert table.loc["fedalign_moe", "final_std"] == pytest.approx(np.std([0.8, 0.74], ddof=1))
+    assert table.loc["fedalign_moe", "early_mean"] == pytest.approx((np.mean(fast[:10]) + np.mean(slow[:10])) / 2)
+    assert table.loc["fedalign_moe", "rounds_to_90_mean"] == pytest.approx((2 + 7) / 2)
+    assert np.isnan(table.loc["fedavg", "rounds_to_90_mean"]) and table.loc["fedavg", "reached"] == 0
+    assert list(table.index) == ["fedavg", "fedalign_moe"]  # the ladder's order
