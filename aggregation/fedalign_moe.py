@@ -29,6 +29,7 @@ from aggregation.personal import PersonalExperts
 from aggregation.routing_alignment import ScoreMode
 from aggregation.routing_stats import total_variation
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
+from aggregation.weighting import accumulate
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "gating": ("consistency", "uniform", "off"),
@@ -190,7 +191,7 @@ class FedAlignMoE(Strategy):
                     f"{where}: routing layer {layer} x_sum has shape {st.x_sum.shape}, cohort has {first.x_sum.shape}"
                 )
         for (a, b), acc in zip(self._shared, self._shared_sum, strict=True):
-            np.add(acc, np.multiply(reader.read(a, b), u.n_examples, dtype=np.float64), out=acc)
+            accumulate(acc, reader.read(a, b), u.n_examples)
         self._readers.append(reader)
         self._ids.append(u.client_id)
         self._n.append(float(u.n_examples))
@@ -279,12 +280,12 @@ class FedAlignMoE(Strategy):
             views = np.empty((len(n), self.personal.size), dtype=PAYLOAD_DTYPE)
         spans = [self.layout.expert_span(*key) for key in self.layout.expert_keys()]
         width = max((b - a for a, b in spans), default=0)
-        cohort_slice = np.empty((len(n), width), dtype=np.float64)  # the one slice × cohort held at a time
+        cohort_slice = np.empty((len(n), width), dtype=PAYLOAD_DTYPE)  # the one slice × cohort held at a time
         signatures: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer → μ [N, E, d], counts [N, E]
         for (layer, expert), (a, b) in zip(self.layout.expert_keys(), spans, strict=True):
             deltas = cohort_slice[:, : b - a]
             for i, r in enumerate(self._readers):
-                deltas[i] = r.read(a, b)  # float32 → float64 in place, no temporary
+                deltas[i] = r.read(a, b)
             if opts.semantic:
                 if layer not in signatures:
                     stats = [r.update.routing[layer] for r in self._readers]

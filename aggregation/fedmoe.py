@@ -15,6 +15,7 @@ the aggregator holds one payload-sized float64 buffer whatever the cohort.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,8 +23,45 @@ import numpy as np
 from aggregation.errors import LayoutMismatch
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
+from aggregation.weighting import accumulate
 
 RouterWeighting = Literal["usage", "n"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """[start, stop) of the payload, merged as equal rows with one weight each.
+
+    kind "shared": one row, weighted by n_i; "router": one router entry, row e
+    expert e's; "expert": the experts ``experts`` of one layer, one row each.
+    """
+
+    start: int
+    stop: int
+    kind: Literal["shared", "router", "expert"]
+    layer: int = -1
+    experts: tuple[int, ...] = ()
+
+
+def _blocks(layout: PayloadLayout) -> list[_Block]:
+    """Few large blocks: the shared entries are one span, and a layer's experts one [E, |θ(e)|] block
+    when their spans are equal and adjacent (as the canonical layout places them)."""
+    blocks: list[_Block] = []
+    shared = layout.select(role="shared")
+    if shared:
+        blocks.append(_Block(shared[0].offset, shared[-1].offset + shared[-1].size, "shared"))
+    blocks += [_Block(e.offset, e.offset + e.size, "router", int(e.layer)) for e in layout.select(role="router")]  # type: ignore[arg-type]
+    by_layer: dict[int, list[tuple[int, int, int]]] = {}
+    for layer, expert in layout.expert_keys():
+        by_layer.setdefault(layer, []).append((expert, *layout.expert_span(layer, expert)))
+    for layer, spans in by_layer.items():
+        sizes = {b - a for _, a, b in spans}
+        adjacent = all(spans[k][2] == spans[k + 1][1] for k in range(len(spans) - 1))
+        if len(sizes) == 1 and adjacent:
+            blocks.append(_Block(spans[0][1], spans[-1][2], "expert", layer, tuple(e for e, _, _ in spans)))
+        else:
+            blocks += [_Block(a, b, "expert", layer, (e,)) for e, a, b in spans]
+    return blocks
 
 
 class FedMoE(Strategy):
@@ -38,15 +76,15 @@ class FedMoE(Strategy):
         self.router_weighting = router_weighting
         self._keys = layout.expert_keys()
         routers = layout.select(role="router")
-        self._row_counts = {e.shape[0] for e in routers if e.shape}
-        if routers and (len(self._row_counts) != 1 or any(not e.shape for e in routers)):
-            raise LayoutMismatch(f"routers must be [E, ...] with one E for every MoE layer, layout has {self._row_counts}")
-        self._shared = [(e.offset, e.offset + e.size) for e in layout.select(role="shared")]
+        row_counts = {e.shape[0] for e in routers if e.shape}
+        if routers and (len(row_counts) != 1 or any(not e.shape for e in routers)):
+            raise LayoutMismatch(f"routers must be [E, ...] with one E for every MoE layer, layout has {row_counts}")
         layers = {k[0] for k in self._keys} | set(layout.router_layers())
         self._shape = (
             max(layers, default=-1) + 1,
-            max([k[1] + 1 for k in self._keys] + list(self._row_counts), default=0),
+            max([k[1] + 1 for k in self._keys] + list(row_counts), default=0),
         )  # (L, E) of the usage counts the layout needs
+        self._blocks = _blocks(layout)
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
         super().begin(global_payload, round_idx=round_idx)
@@ -72,51 +110,40 @@ class FedMoE(Strategy):
             return np.zeros(self._shape)
         return np.stack([np.asarray(st.counts, dtype=np.float64) for st in u.routing])
 
+    def _weights(self, block: _Block, counts: np.ndarray, n: float) -> float | np.ndarray:
+        """Row weights of ``block``: usage counts c(l, e), or n."""
+        if block.kind == "expert":
+            return counts[block.layer, list(block.experts)]
+        if block.kind == "router" and self.router_weighting == "usage":
+            return counts[block.layer]
+        return n
+
     def add(self, reader: UpdateReader) -> None:
         u = self._checked(reader)
         if u.client_id in self._n:
             raise ValueError(f"client {u.client_id}: update added twice in one round")
         counts = self._usage_counts(reader)
         n = float(u.n_examples)
-        for a, b in self._shared:
-            np.add(self._sum[a:b], np.multiply(reader.read(a, b), n, dtype=np.float64), out=self._sum[a:b])
-        for layer, expert in self._keys:
-            a, b = self.layout.expert_span(layer, expert)
-            c = counts[layer, expert]
-            np.add(self._sum[a:b], np.multiply(reader.read(a, b), c, dtype=np.float64), out=self._sum[a:b])
-        for entry in self.layout.select(role="router"):
-            a, b = entry.offset, entry.offset + entry.size
-            rows = np.asarray(reader.read(a, b), dtype=np.float64).reshape(entry.shape[0], -1)
-            w = counts[entry.layer][:, None] if self.router_weighting == "usage" else n
-            self._sum[a:b] += (rows * w).reshape(-1)
+        for block in self._blocks:
+            accumulate(self._sum[block.start : block.stop], reader.read(block.start, block.stop), self._weights(block, counts, n))
         self._usage += counts
         self._n[u.client_id] = n
         self._counts[u.client_id] = counts
 
     def finish(self) -> RoundResult:
-        """Divide each segment's weighted sum by its total weight; unused experts keep their value."""
+        """Divide each row's weighted sum by its total weight; a row of total weight 0 keeps its value."""
         if self._global is None:
             raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
-        base = self._global.astype(np.float64)
-        new = base.copy()
-        n_total = sum(self._n.values())
         if not self._n:
             return RoundResult(self._global.copy(), {"n_aggregated": 0.0}, {})
-        for a, b in self._shared:
-            new[a:b] += self._sum[a:b] / n_total
+        new = self._global.astype(np.float64)
+        n_total = sum(self._n.values())
+        for block in self._blocks:
+            total = np.atleast_1d(self._weights(block, self._usage, n_total))[:, None]
+            rows = self._sum[block.start : block.stop].reshape(len(total), -1)
+            step = np.divide(rows, total, out=np.zeros_like(rows), where=total > 0)
+            new[block.start : block.stop] += step.reshape(-1)
         used = [k for k in self._keys if self._usage[k] > 0]
-        for key in used:
-            a, b = self.layout.expert_span(*key)
-            new[a:b] += self._sum[a:b] / self._usage[key]
-        for entry in self.layout.select(role="router"):
-            a, b = entry.offset, entry.offset + entry.size
-            rows = self._sum[a:b].reshape(entry.shape[0], -1)
-            if self.router_weighting == "usage":
-                usage = self._usage[entry.layer][:, None]
-                step = np.divide(rows, usage, out=np.zeros_like(rows), where=usage > 0)
-            else:
-                step = rows / n_total
-            new[a:b] += step.reshape(-1)
         report = {
             "n_aggregated": float(len(self._n)),
             "experts_kept_frac": 1.0 - len(used) / len(self._keys) if self._keys else 0.0,

@@ -20,6 +20,7 @@ from aggregation.messages import ClientInstructions
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
 from aggregation.personal import PersonalExperts
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
+from aggregation.weighting import accumulate
 
 GlobalExperts = Literal["fedavg", "frozen"]
 
@@ -55,10 +56,10 @@ class PFLMoE(Strategy):
             raise ValueError(f"client {u.client_id}: update added twice in one round")
         a, b = self.personal.start, self.personal.stop
         n = float(u.n_examples)
-        np.add(self._sum[:a], np.multiply(reader.read(0, a), n, dtype=np.float64), out=self._sum[:a])
+        accumulate(self._sum[:a], reader.read(0, a), n)
         start = self.personal.start_of(u.client_id, self._global)  # type: ignore[arg-type]
         theta = start.astype(np.float64) + reader.read(a, b)
-        self._sum[a:b] += n * theta
+        accumulate(self._sum[a:b], theta, n)
         self._trained[u.client_id] = theta.astype(PAYLOAD_DTYPE)  # stored at finish: a failed round changes nothing
         self._n[u.client_id] = n
 

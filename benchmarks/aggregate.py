@@ -130,7 +130,7 @@ def pairwise_seconds(layout: PayloadLayout, updates: list[ClientUpdate]) -> floa
     total = 0.0
     for layer, expert in layout.expert_keys():
         a, b = layout.expert_span(layer, expert)
-        deltas = np.stack([np.asarray(u.delta[a:b], dtype=np.float64) for u in updates])  # not timed: the merge needs it too
+        deltas = np.stack([u.delta[a:b] for u in updates])  # float32, as the strategy holds it; not timed
         mu = np.stack([u.routing[layer].mu[expert] for u in updates])
         counts = np.array([u.routing[layer].counts[expert] for u in updates])
         t = time.perf_counter()
