@@ -24,6 +24,7 @@ from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
 from aggregation.payload import PayloadLayout
 from aggregation.strategy import ArrayReader, Strategy
+from aggregation.update_guard import rejection
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class RoundSummary:
     report: dict[str, float]
     clients: list[dict[str, Any]]
     failures: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # "client C: reason" for updates left out of the merge
     routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
     aggregator_peak_rss_mib: float = 0.0
     aggregator_uss_mib: float = 0.0  # private memory now: object-store pages read zero-copy are shared, not counted
@@ -61,8 +63,15 @@ def _failure_reason(exc: Exception) -> str:
 class Aggregator:
     """Holds the strategy (and its cross-round state) for the whole run."""
 
-    def __init__(self, strategy_factory: Callable[[PayloadLayout], Strategy], layout: PayloadLayout) -> None:
+    def __init__(
+        self,
+        strategy_factory: Callable[[PayloadLayout], Strategy],
+        layout: PayloadLayout,
+        max_update_norm: float | None = None,
+    ) -> None:
         self.strategy = strategy_factory(layout)
+        self.layout = layout
+        self.max_update_norm = max_update_norm
 
     def configure(self, round_idx: int, client_ids: list[int], seeds: list[int]) -> list[ClientInstructions]:
         return [self.strategy.configure(c, round_idx, seed=s) for c, s in zip(client_ids, seeds, strict=True)]
@@ -79,6 +88,7 @@ class Aggregator:
         rows: list[dict[str, Any]] = []  # cheap per-client facts; the update itself is not kept
         p_bar: dict[int, list[np.ndarray]] = {}
         failures: list[str] = []
+        rejected: list[str] = []
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             for ref in ready:
@@ -93,23 +103,34 @@ class Aggregator:
                 update = arrived.pop(next_i)
                 next_i += 1
                 if update is not None:
-                    self.strategy.add(ArrayReader(update))
-                    rows.append(_client_row(update))
-                    if update.routing:
-                        p_bar[update.client_id] = [s.p_bar for s in update.routing]
+                    self._fold(update, rows, p_bar, rejected)
                 del update  # a strategy that needs the tensors later keeps its own reader
         result = self.strategy.finish()
-        clients = [{**r, "weight": result.client_weights.get(r["client"], float("nan"))} for r in rows]
+        clients = [{**r, "weight": 0.0 if r["rejected"] else result.client_weights.get(r["client"], float("nan"))}
+                   for r in rows]
         summary = RoundSummary(
             round_idx=round_idx,
             report=dict(result.report),
             clients=clients,
             failures=failures,
+            rejected=rejected,
             routing_p_bar=p_bar,
             aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20,
         )
         return result.payload, summary
+
+    def _fold(self, update: ClientUpdate, rows: list[dict[str, Any]], p_bar: dict[int, list[np.ndarray]],
+              rejected: list[str]) -> None:
+        """Merge one update into the strategy, unless the guard rejects it (then it is only recorded)."""
+        reason = rejection(update, self.layout, max_norm=self.max_update_norm)
+        rows.append({**_client_row(update), "rejected": reason or ""})
+        if reason is not None:
+            rejected.append(f"client {update.client_id}: {reason}")
+            return
+        self.strategy.add(ArrayReader(update))
+        if update.routing:
+            p_bar[update.client_id] = [s.p_bar for s in update.routing]
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()

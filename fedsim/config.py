@@ -168,6 +168,10 @@ class StrategyConfig(_Section):
     fedmoe: FedMoEConfig = FedMoEConfig()
     pfl_moe: PFLMoEConfig = PFLMoEConfig()
     fedalign: FedAlignConfig = FedAlignConfig()
+    max_update_norm: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="reject client updates whose L2 norm exceeds this; NaN/Inf and wrong layouts are always rejected",
+    )
 
     def needs_routing_stats(self) -> bool:
         """Whether the server reads the clients' routing statistics."""
@@ -190,9 +194,10 @@ class EvalConfig(_Section):
 
 
 class FaultsConfig(_Section):
-    """Fault injection for testing failure handling: these clients raise in these rounds."""
+    """Fault injection for testing failure handling, in the rounds ``fail_rounds`` (empty: every round)."""
 
-    fail_clients: list[int] = Field(default_factory=list)
+    fail_clients: list[int] = Field(default_factory=list, description="these clients raise")
+    nan_clients: list[int] = Field(default_factory=list, description="these clients return a NaN update")
     fail_rounds: list[int] = Field(default_factory=list, description="empty: every round")
 
 

@@ -233,7 +233,7 @@ def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
 
 def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Callback]) -> None:
     layout, initial = pool.describe()
-    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout)
+    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
     payload_ref = ray.put(initial)
     del initial
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
@@ -258,6 +258,8 @@ def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Cal
             for f in summary.failures:
                 log.error("round %d: %s", r, f, extra=FILE_ONLY)
             raise RunFailed(f"round {r}: {len(summary.failures)} client(s) failed; first: {summary.failures[0]}")
+        for reason in summary.rejected:
+            log.warning("round %d: rejected the update of %s", r, reason)
         payload_ref = new_ref
         t_train = time.perf_counter() - t0
         row = _round_row(r, cohort, summary, t_train, len(pool))
@@ -292,6 +294,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "train_loss": sum(c["train_loss"] * c["n_examples"] for c in clients) / n if n else float("nan"),
         "clients_sampled": len(cohort),
         "clients_completed": len(clients),
+        "clients_rejected": len(s.rejected),
         "examples": n,
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "bytes_up": sum(c["bytes_up"] for c in clients),

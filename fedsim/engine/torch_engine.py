@@ -126,7 +126,8 @@ class TorchEngine:
         cid, rnd = instructions.client_id, instructions.round_idx
         start = time.perf_counter()
         faults = self.spec.faults
-        if cid in faults.fail_clients and (not faults.fail_rounds or rnd in faults.fail_rounds):
+        faulty_round = not faults.fail_rounds or rnd in faults.fail_rounds
+        if cid in faults.fail_clients and faulty_round:
             raise ClientFailure(cid, rnd, "injected fault (faults.fail_clients)")
         if len(indices) == 0:
             raise ClientFailure(cid, rnd, "client has no training examples")
@@ -188,6 +189,8 @@ class TorchEngine:
 
         delta = read_payload(self.model, self.layout)
         np.subtract(delta, payload, out=delta)
+        if cid in faults.nan_clients and faulty_round:
+            delta[:1] = np.nan  # injected fault (faults.nan_clients): one NaN poisons a plain average
         up = self.layout.role_bytes()
         down = dict(up, expert=0) if instructions.personal is not None else dict(up)  # own experts stay on the client
         up["routing_stats"] = sum(s.nbytes for s in routing)

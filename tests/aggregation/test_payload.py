@@ -249,3 +249,17 @@ class TestPayloadLayoutCheck:
         # Execute / Assert
         with pytest.raises(LayoutMismatch, match=r"^client 2 round 1 delta: dtype float64, layout expects float32$"):
             layout.check(buf, what="client 2 round 1 delta")
+
+
+def test_expert_block_is_the_one_span_holding_every_expert_entry():
+    # Prepare: specs given out of canonical order
+    layout = PayloadLayout.build([
+        EntrySpec("e1", "expert", 0, 1, (3,)),
+        EntrySpec("attn", "shared", None, None, (2,)),
+        EntrySpec("e0", "expert", 0, 0, (3,)),
+        EntrySpec("gate", "router", 0, None, (2, 1)),
+    ])
+
+    # Execute / Assert: shared 0:2, router 2:4, experts 4:10
+    assert layout.expert_block == (4, 10)
+    assert PayloadLayout.build([EntrySpec("w", "shared", None, None, (2,))]).expert_block == (2, 2)

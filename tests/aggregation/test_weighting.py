@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregation.weighting import WeightedMeanAccumulator
+from aggregation.weighting import WeightedMeanAccumulator, accumulate
 
 
 def test_apply_adds_the_weighted_mean_to_base_when_weights_differ():
@@ -61,3 +61,28 @@ def test_apply_keeps_float64_precision_until_the_final_cast_when_weights_are_lar
 
     # Assert
     np.testing.assert_array_equal(out, [0.5])
+
+
+def test_accumulate_scalar_weight_adds_in_float64_from_float32():
+    # Prepare
+    acc = np.array([1.0, 2.0])
+    values = np.array([0.5, 0.25], dtype=np.float32)
+    values.flags.writeable = False  # as object-store views are
+
+    # Execute
+    accumulate(acc, values, 4)
+
+    # Assert
+    np.testing.assert_array_equal(acc, [3.0, 3.0])
+
+
+def test_accumulate_row_weights_weigh_each_row():
+    # Prepare: 2 rows of 3 values, flat
+    acc = np.zeros(6)
+    values = np.arange(6, dtype=np.float32)
+
+    # Execute
+    accumulate(acc, values, np.array([2.0, -1.0]))
+
+    # Assert
+    np.testing.assert_array_equal(acc, [0, 2, 4, -3, -4, -5])

@@ -83,3 +83,14 @@ def test_run_pfl_moe_keeps_experts_on_returning_clients(ray_session, tiny_config
     # every client returns in round 2 and downloads no experts: its own stayed with it
     down = clients.pivot(index="client", columns="round", values="bytes_down")
     assert (down[2] < down[1]).all()
+
+
+def test_a_nan_update_is_rejected_and_the_run_goes_on(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config("faults.nan_clients=[2]", "faults.fail_rounds=[2]"), out=tmp_path / "nan")
+    rounds, clients = result.rounds, result.clients
+    assert rounds["clients_rejected"].tolist() == [0, 1]
+    assert np.isfinite(rounds["test_accuracy"]).all() and np.isfinite(rounds["test_loss"]).all()
+    bad = clients[(clients["round"] == 2) & (clients["client"] == 2)].iloc[0]
+    assert bad["rejected"] == "delta has NaN or Inf values" and bad["weight"] == 0.0
+    assert np.isclose(clients[clients["round"] == 2]["weight"].sum(), 1.0)
+    assert "rejected the update of client 2: delta has NaN" in (tmp_path / "nan" / "run.log").read_text()

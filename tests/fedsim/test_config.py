@@ -83,3 +83,9 @@ def test_a_bare_yaml_off_is_the_choice_off(tmp_path: Path) -> None:
 def test_false_for_a_choice_without_off_still_names_the_field() -> None:
     with pytest.raises(ConfigError, match="train.loss"):
         load_config(None, ["train.loss=false"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_max_update_norm_must_be_a_positive_number(value: str) -> None:
+    with pytest.raises(ConfigError, match="strategy.max_update_norm"):
+        load_config(None, [f"strategy.max_update_norm={value}"])
