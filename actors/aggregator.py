@@ -135,5 +135,8 @@ class Aggregator:
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
     def pid(self) -> int:
         return os.getpid()

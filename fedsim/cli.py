@@ -1,4 +1,4 @@
-"""``fedsim`` command line: ``fedsim run --config FILE [--out DIR] [key.sub=value ...]``.
+"""``fedsim`` command line: ``fedsim run --config FILE [--out DIR] [key.sub=value ...]``, ``fedsim resume RUN_DIR``.
 
 Every error fedsim raises on purpose is printed as one line naming the field
 or file, with exit status 2; nothing deep inside a library reaches the user
@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", help="YAML config file")
     run.add_argument("--out", help="run directory (default: <out_dir>/<time>-<name>/)")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    resume = sub.add_parser("resume", help="continue a stopped or failed run from its last checkpoint")
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoint.pkl)")
     return parser
 
 
@@ -51,11 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _console_logging()
     # Imports after parsing: `fedsim --help` stays fast.
     from fedsim.config import load_config
-    from fedsim.driver import RunFailed, run
+    from fedsim.driver import RunFailed, resume, run
 
     try:
-        cfg = load_config(args.config, list(args.overrides))
-        result = run(cfg, out=args.out)
+        if args.command == "resume":
+            result = resume(args.run_dir)
+        else:
+            result = run(load_config(args.config, list(args.overrides)), out=args.out)
     except RunFailed as exc:  # the input was fine; a round failed (status.json says so)
         print(f"fedsim: run failed: {exc}", file=sys.stderr)
         return 1

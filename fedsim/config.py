@@ -201,6 +201,12 @@ class FaultsConfig(_Section):
     fail_rounds: list[int] = Field(default_factory=list, description="empty: every round")
 
 
+class CheckpointConfig(_Section):
+    """Run state written after every ``every`` rounds (and the last) for ``fedsim resume``."""
+
+    every: int = Field(1, ge=0, description="rounds between checkpoints; 0 disables them")
+
+
 class RunConfig(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -217,6 +223,7 @@ class RunConfig(_Section):
     workers: WorkersConfig = WorkersConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultsConfig = FaultsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _cohort(self) -> RunConfig:

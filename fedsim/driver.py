@@ -31,7 +31,8 @@ from aggregation.routing_stats import total_variation
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.callbacks.metrics_table import MetricsTable
 from fedsim.callbacks.progress import Progress
-from fedsim.config import RunConfig
+from fedsim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedsim.config import RunConfig, load_config
 from fedsim.engine.torch_engine import TorchEngineSpec
 from fedsim.prepare import PreparedRun, prepare
 from fedsim.quiet import quiet_libraries
@@ -161,8 +162,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
     started_ray = start_ray(cfg)
     try:
-        w = cfg.workers  # resources that cannot hold the workers fail here too
-        num_workers = resolve_num_workers(w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+        num_workers = _num_workers(cfg)  # resources that cannot hold the workers fail here too
         run_dir = make_run_dir(cfg, out)
     except BaseException:
         if started_ray:
@@ -185,8 +185,61 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         "started": datetime.now().isoformat(timespec="seconds"),
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return _execute(cfg, prepared, run_dir, num_workers, started_ray, handler, MetricsTable(), callbacks, None)
+
+
+def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
+    """Continue a run from its last checkpoint; the tables come out as an uninterrupted run's would."""
+    for k, v in HF_ENV.items():
+        os.environ.setdefault(k, v)
+    quiet_libraries()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FedsimError(f"{run_dir}: not a run directory (no config.yaml)")
+    status = json.loads((run_dir / "status.json").read_text()).get("status") if (run_dir / "status.json").exists() else None
+    if status == "completed":
+        raise FedsimError(f"{run_dir}: the run is already completed; nothing to resume")
+    cfg = load_config(run_dir / "config.yaml", [])
+    checkpoint = load_checkpoint(run_dir)
+    prepared = prepare(cfg)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if manifest.get("partition_hash") != prepared.partition_hash:
+        raise FedsimError(f"{run_dir}: the data partition changed since the run started; cannot resume exactly")
+    started_ray = start_ray(cfg)
+    try:
+        num_workers = _num_workers(cfg)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    handler = _attach_log(run_dir)
+    log.info("resuming %s after round %d", run_dir, checkpoint.round_idx)
+    manifest.setdefault("resumed", []).append(
+        {"time": datetime.now().isoformat(timespec="seconds"), "after_round": checkpoint.round_idx, "git_commit": _git_commit()}
+    )
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    table = MetricsTable.read(run_dir, up_to_round=checkpoint.round_idx)
+    return _execute(cfg, prepared, run_dir, num_workers, started_ray, handler, table, callbacks, checkpoint)
+
+
+def _num_workers(cfg: RunConfig) -> int:
+    w = cfg.workers
+    return resolve_num_workers(w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+
+
+def _execute(
+    cfg: RunConfig,
+    prepared: PreparedRun,
+    run_dir: Path,
+    num_workers: int,
+    started_ray: bool,
+    handler: logging.Handler,
+    table: MetricsTable,
+    callbacks: list[Callback] | None,
+    checkpoint: Checkpoint | None,
+) -> RunResult:
+    """The rounds of a run (from its checkpoint when given), with status, callbacks and clean-up."""
     _write_status(run_dir, "running")
-    table = MetricsTable()
     cbs: list[Callback] = [table, Progress(enabled=cfg.progress), *(callbacks or [])]
     pool: WorkerPool | None = None
     status = "failed"
@@ -194,7 +247,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         for cb in cbs:
             cb.on_run_begin(run_dir=run_dir, total_rounds=cfg.rounds)
         pool = _make_pool(cfg, prepared, num_workers)
-        _loop(cfg, prepared, pool, cbs)
+        _loop(cfg, prepared, pool, cbs, run_dir, checkpoint)
         status = "completed"
     except Exception as exc:
         log.error("run failed: %s", exc, extra=FILE_ONLY)
@@ -231,16 +284,26 @@ def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
     return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
 
 
-def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Callback]) -> None:
+def _loop(
+    cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Callback], run_dir: Path,
+    checkpoint: Checkpoint | None,
+) -> None:
     layout, initial = pool.describe()
     aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
+    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
+    first = 1
+    if checkpoint is not None:
+        if checkpoint.payload.shape != initial.shape:
+            raise FedsimError(f"checkpoint payload has {checkpoint.payload.shape}, the model's layout {initial.shape}")
+        ray.get(aggregator.load_state_dict.remote(checkpoint.strategy_state))
+        sampler.rng.bit_generator.state = checkpoint.sampler_state
+        initial, first = checkpoint.payload, checkpoint.round_idx + 1
     payload_ref = ray.put(initial)
     del initial
-    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     chunk = cfg.eval.batch_size
     eval_chunks = [(lo, min(lo + chunk, prepared.n_test)) for lo in range(0, prepared.n_test, chunk)]
     log.info("payload: %d values (%.2f MiB) in %d entries", layout.total, layout.nbytes / 2**20, len(layout))
-    for r in range(1, cfg.rounds + 1):
+    for r in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
         cohort = sampler.sample()
         log.debug("round %d cohort %s", r, cohort)
@@ -279,6 +342,10 @@ def _loop(cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Cal
             row.update(extra)
             stop = stop or s
         log.info("round %d: %s", r, {k: row[k] for k in ("train_loss", "test_accuracy") if k in row})
+        every = cfg.checkpoint.every
+        if every and (r % every == 0 or r == cfg.rounds or stop):
+            state = Checkpoint(r, ray.get(payload_ref), ray.get(aggregator.state_dict.remote()), sampler.rng.bit_generator.state)
+            save_checkpoint(run_dir, state)
         if stop:
             break
 

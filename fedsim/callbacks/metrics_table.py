@@ -22,6 +22,17 @@ class MetricsTable(Callback):
         self.clients: list[dict[str, Any]] = []
         self.run_dir: Path | None = None
 
+    @classmethod
+    def read(cls, run_dir: Path, *, up_to_round: int) -> MetricsTable:
+        """The tables a run wrote, cut back to rounds ≤ ``up_to_round`` (a resumed run rewrites the rest)."""
+        table = cls()
+        for name, rows in (("rounds", table.rounds), ("clients", table.clients)):
+            path = run_dir / f"{name}.parquet"
+            if path.exists():
+                frame = pd.read_parquet(path)
+                rows.extend(frame[frame["round"] <= up_to_round].to_dict("records"))
+        return table
+
     def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
         self.run_dir = run_dir
 
