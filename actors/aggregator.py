@@ -94,7 +94,7 @@ class Aggregator:
             for ref in ready:
                 i = position.pop(ref)
                 try:
-                    arrived[i] = ray.get(ray.get(ref))  # the task returns a reference to the stored update
+                    arrived[i] = ray.get(ref)
                 except (RayTaskError, RayActorError, ObjectLostError, ray.exceptions.RaySystemError) as exc:
                     failures.append(_failure_reason(exc))
                     arrived[i] = None

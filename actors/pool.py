@@ -68,6 +68,8 @@ class WorkerPool:
         num_workers: int,
         cpus_per_worker: float,
         gpus_per_worker: float,
+        max_restarts: int = 0,
+        max_task_retries: int = 0,
         ready_timeout_s: float = 600.0,
     ) -> None:
         bundle: dict[str, float] = {"CPU": cpus_per_worker}
@@ -82,6 +84,10 @@ class WorkerPool:
             ClientWorker.options(
                 num_cpus=cpus_per_worker,
                 num_gpus=gpus_per_worker,
+                # a dead worker process is restarted in its bundle and its client in flight retried;
+                # finished updates are task returns owned by the driver, so they outlive the worker
+                max_restarts=max_restarts,
+                max_task_retries=max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=i
                 ),

@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
+from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+
 from actors.aggregator import Aggregator  # noqa: E402
 from aggregation import ArrayReader, ClientUpdate, FedAlignMoE, FedAvg, FedMoE, PayloadLayout, RoutingStats  # noqa: E402
 from aggregation import semantic_alignment as sa  # noqa: E402
@@ -155,9 +157,9 @@ def pairwise_table(layout: PayloadLayout, hidden: int, sizes: list[int], repeats
 
 
 @ray.remote(num_cpus=1)
-def _remote_update(layout: PayloadLayout, hidden: int, client_id: int) -> ray.ObjectRef:
-    """As ``ClientWorker.train`` does: the update put in the object store, its reference returned."""
-    return ray.put(synthetic_update(layout, hidden, client_id))
+def _remote_update(layout: PayloadLayout, hidden: int, client_id: int) -> ClientUpdate:
+    """As ``ClientWorker.train`` does: the update is the task's return value."""
+    return synthetic_update(layout, hidden, client_id)
 
 
 def must_hold_mib(name: str, layout: PayloadLayout, update: ClientUpdate, n: int) -> dict[str, float]:
@@ -223,7 +225,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tables = {"throughput": throughput_table(layout, hidden, args.throughput_clients, args.repeats),
               "pairwise": pairwise_table(layout, hidden, args.pairwise_clients, args.repeats)}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     try:
         tables["memory"] = memory_table(layout, hidden, args.memory_clients)
     finally:

@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
+from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+
 from aggregation.messages import ClientInstructions  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
@@ -69,7 +71,7 @@ def main() -> None:
              "final_acc_mean": central_accuracy(args.config, args.central_epochs, args.overrides),
              "final_acc_std": 0.0, "early_acc_mean": float("nan"), "routing_tv": float("nan")}]
     curves = []
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     try:
         for alpha in (1.0, 0.1):
             finals, early, tvs = [], [], []

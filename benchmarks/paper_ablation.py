@@ -38,6 +38,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
+from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
@@ -137,7 +139,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = []
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     try:
         for alpha in args.alphas:
             for seed in range(args.seeds):

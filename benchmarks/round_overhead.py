@@ -22,6 +22,8 @@ for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLE
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
+from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
@@ -44,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     rows = []
     try:
         for n in args.clients:

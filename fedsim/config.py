@@ -186,6 +186,11 @@ class WorkersConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="fractional values pack workers on one GPU")
     ray_address: str | None = Field(None, description="None starts an embedded local Ray")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
+    max_restarts: int = Field(2, ge=0, description="times Ray restarts a worker process that died")
+    max_task_retries: int = Field(2, ge=0, description="times a client whose worker died is retried")
+    on_client_failure: Literal["drop", "stop"] = Field(
+        "drop", description="a client that still fails: dropped from its round (logged, counted) or the run stops"
+    )
 
 
 class EvalConfig(_Section):

@@ -25,7 +25,7 @@ import numpy as np
 import ray
 import yaml
 
-from actors import Aggregator, RoundSummary, WorkerPool, count_finished, resolve_num_workers
+from actors import EMBEDDED_SYSTEM_CONFIG, Aggregator, RoundSummary, WorkerPool, count_finished, resolve_num_workers
 from aggregation.errors import FedsimError
 from aggregation.routing_stats import total_variation
 from fedsim.callbacks.base import Callback, RoundRecord
@@ -150,6 +150,7 @@ def start_ray(cfg: RunConfig) -> bool:
         include_dashboard=False,
         logging_level=logging.WARNING,
         runtime_env={"env_vars": {**RAY_ENV, **HF_ENV}},
+        _system_config=EMBEDDED_SYSTEM_CONFIG,
     )
     return True
 
@@ -281,7 +282,10 @@ def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
         faults=cfg.faults,
     )
     log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
-    return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+    return WorkerPool(
+        spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
+        max_restarts=w.max_restarts, max_task_retries=w.max_task_retries,
+    )
 
 
 def _loop(
@@ -318,9 +322,13 @@ def _loop(
         summary: RoundSummary = ray.get(summary_ref)
         del refs
         if summary.failures:
+            stop = cfg.workers.on_client_failure == "stop" or not summary.clients
             for f in summary.failures:
-                log.error("round %d: %s", r, f, extra=FILE_ONLY)
-            raise RunFailed(f"round {r}: {len(summary.failures)} client(s) failed; first: {summary.failures[0]}")
+                log.log(logging.ERROR if stop else logging.WARNING, "round %d: %s%s", r, f,
+                        "" if stop else " (dropped from the round)", extra=FILE_ONLY if stop else {})
+            if stop:
+                what = "every client" if not summary.clients else f"{len(summary.failures)} client(s)"
+                raise RunFailed(f"round {r}: {what} failed; first: {summary.failures[0]}")
         for reason in summary.rejected:
             log.warning("round %d: rejected the update of %s", r, reason)
         payload_ref = new_ref
@@ -361,6 +369,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "train_loss": sum(c["train_loss"] * c["n_examples"] for c in clients) / n if n else float("nan"),
         "clients_sampled": len(cohort),
         "clients_completed": len(clients),
+        "clients_failed": len(s.failures),
         "clients_rejected": len(s.rejected),
         "examples": n,
         "bytes_down": sum(c["bytes_down"] for c in clients),

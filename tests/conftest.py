@@ -20,6 +20,8 @@ def ray_session() -> Iterator[None]:
     """One real local Ray (2 CPUs, loopback) shared by every test that needs it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from actors import EMBEDDED_SYSTEM_CONFIG
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     yield
     ray.shutdown()

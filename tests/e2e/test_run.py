@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
+from fedsim.callbacks.base import Callback
 from fedsim.driver import RunFailed, run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -50,7 +54,8 @@ def test_run_same_seed_same_metrics_with_one_or_two_workers(ray_session, tiny_co
 
 
 def test_run_client_failure_marks_run_failed(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cfg = tiny_config("clients_per_round=6", "faults.fail_clients=[3]", "faults.fail_rounds=[2]")
+    cfg = tiny_config("clients_per_round=6", "faults.fail_clients=[3]", "faults.fail_rounds=[2]",
+                      "workers.on_client_failure=stop")
     with pytest.raises(RunFailed, match="client 3 round 2"):
         run(cfg, out=tmp_path / "failed")
     status = json.loads((tmp_path / "failed" / "status.json").read_text())
@@ -94,3 +99,43 @@ def test_a_nan_update_is_rejected_and_the_run_goes_on(ray_session, tiny_config, 
     assert bad["rejected"] == "delta has NaN or Inf values" and bad["weight"] == 0.0
     assert np.isclose(clients[clients["round"] == 2]["weight"].sum(), 1.0)
     assert "rejected the update of client 2: delta has NaN" in (tmp_path / "nan" / "run.log").read_text()
+
+
+def test_a_client_that_keeps_failing_is_dropped_and_logged(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config("faults.fail_clients=[3]", "faults.fail_rounds=[2]"), out=tmp_path / "drop")
+    rounds = result.rounds
+    assert rounds["clients_failed"].tolist() == [0, 1] and rounds["clients_completed"].tolist() == [6, 5]
+    assert 3 not in set(result.clients[result.clients["round"] == 2]["client"])
+    assert "client 3 round 2: injected fault (faults.fail_clients) (dropped from the round)" in (
+        tmp_path / "drop" / "run.log").read_text()
+
+
+class _KillOneWorker(Callback):
+    """SIGKILLs one ClientWorker process, once, as soon as round 2's clients are running."""
+
+    def __init__(self) -> None:
+        self.killed: int | None = None
+
+    def on_client_progress(self, *, round_idx: int, done: int, total: int) -> None:
+        if round_idx != 2 or self.killed is not None:
+            return
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::ClientWorker"):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                self.killed = proc.info["pid"]
+                return
+
+
+def test_a_worker_killed_mid_round_is_restarted_and_the_metrics_match_a_clean_run(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    overrides = ("rounds=3", "train.local_epochs=5")
+    clean = run(tiny_config(*overrides), out=tmp_path / "clean")
+    killer = _KillOneWorker()
+
+    # Execute
+    result = run(tiny_config(*overrides), out=tmp_path / "killed", callbacks=[killer])
+
+    # Assert: a worker died in round 2, nobody was dropped, and the metrics are the clean run's
+    assert killer.killed is not None
+    assert result.rounds["clients_failed"].tolist() == [0, 0, 0]
+    pd.testing.assert_frame_equal(result.rounds[METRICS], clean.rounds[METRICS])
