@@ -33,7 +33,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py
+	$(BIN)/python benchmarks/aggregate.py --quick
 	$(BIN)/python benchmarks/demo_task.py --quick
+	$(BIN)/python benchmarks/paper_ablation.py --quick
 
 clean:
 	rm -rf $(VENV) .cache runs benchmarks/results

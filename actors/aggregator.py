@@ -22,7 +22,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
-from aggregation.payload import PayloadLayout
+from aggregation.payload import PayloadLayout, payload_class
 from aggregation.strategy import ArrayReader, Strategy
 from aggregation.update_guard import rejection
 
@@ -36,6 +36,7 @@ class RoundSummary:
     clients: list[dict[str, Any]]
     failures: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)  # "client C: reason" for updates left out of the merge
+    comm: list[dict[str, Any]] = field(default_factory=list)  # bytes per client, direction and payload class
     routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
     aggregator_peak_rss_mib: float = 0.0
     aggregator_uss_mib: float = 0.0  # private memory now: object-store pages read zero-copy are shared, not counted
@@ -50,6 +51,16 @@ def _client_row(u: ClientUpdate) -> dict[str, Any]:
         "bytes_down": int(sum(u.bytes_down.values())),
         "bytes_up": int(sum(u.bytes_up.values())),
     }
+
+
+def _comm_rows(u: ClientUpdate) -> list[dict[str, Any]]:
+    rows = []
+    for direction, by_class in (("down", u.bytes_down), ("up", u.bytes_up)):
+        for key, nbytes in by_class.items():
+            kind, layer, expert = payload_class(key)
+            rows.append({"client": u.client_id, "direction": direction, "payload_class": kind,
+                         "layer": layer, "expert": expert, "bytes": int(nbytes)})
+    return rows
 
 
 def _failure_reason(exc: Exception) -> str:
@@ -89,6 +100,7 @@ class Aggregator:
         p_bar: dict[int, list[np.ndarray]] = {}
         failures: list[str] = []
         rejected: list[str] = []
+        comm: list[dict[str, Any]] = []
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             for ref in ready:
@@ -103,7 +115,7 @@ class Aggregator:
                 update = arrived.pop(next_i)
                 next_i += 1
                 if update is not None:
-                    self._fold(update, rows, p_bar, rejected)
+                    self._fold(update, rows, p_bar, rejected, comm)
                 del update  # a strategy that needs the tensors later keeps its own reader
         result = self.strategy.finish()
         clients = [{**r, "weight": 0.0 if r["rejected"] else result.client_weights.get(r["client"], float("nan"))}
@@ -114,6 +126,7 @@ class Aggregator:
             clients=clients,
             failures=failures,
             rejected=rejected,
+            comm=comm,
             routing_p_bar=p_bar,
             aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20,
@@ -121,10 +134,11 @@ class Aggregator:
         return result.payload, summary
 
     def _fold(self, update: ClientUpdate, rows: list[dict[str, Any]], p_bar: dict[int, list[np.ndarray]],
-              rejected: list[str]) -> None:
+              rejected: list[str], comm: list[dict[str, Any]]) -> None:
         """Merge one update into the strategy, unless the guard rejects it (then it is only recorded)."""
         reason = rejection(update, self.layout, max_norm=self.max_update_norm)
         rows.append({**_client_row(update), "rejected": reason or ""})
+        comm.extend(_comm_rows(update))
         if reason is not None:
             rejected.append(f"client {update.client_id}: {reason}")
             return

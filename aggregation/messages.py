@@ -76,7 +76,8 @@ class ClientUpdate:
     compute_seconds : float
         Measured local-training time of this client on its worker.
     bytes_down, bytes_up : dict of str to int
-        Bytes by payload class ("shared", "router", "expert", "routing_stats").
+        Bytes by payload class: ``PayloadLayout.class_bytes`` keys ("shared",
+        "router/L<l>", "expert/L<l>/E<e>") and "routing_stats".
     """
 
     client_id: int

@@ -167,6 +167,18 @@ class PayloadLayout:
     def router_span(self, layer: int) -> tuple[int, int]:
         return self._router_spans[layer]
 
+    def class_bytes(self) -> dict[str, int]:
+        """Bytes per payload class at the finest grain: "shared", "router/L<l>", "expert/L<l>/E<e>".
+
+        The communication profile's keys (see ``payload_class``); their sum is ``nbytes``.
+        """
+        itemsize = np.dtype(PAYLOAD_DTYPE).itemsize
+        out: dict[str, int] = {}
+        for e in self.entries:
+            key = e.role if e.role == "shared" else f"router/L{e.layer}" if e.role == "router" else f"expert/L{e.layer}/E{e.expert}"
+            out[key] = out.get(key, 0) + e.size * itemsize
+        return out
+
     def role_bytes(self) -> dict[str, int]:
         """Bytes per payload class ("shared", "router", "expert")."""
         itemsize = np.dtype(PAYLOAD_DTYPE).itemsize
@@ -186,3 +198,11 @@ class PayloadLayout:
             raise LayoutMismatch(f"{what}: has {buffer.size} values, layout expects {self.total}")
         if buffer.dtype != PAYLOAD_DTYPE:
             raise LayoutMismatch(f"{what}: dtype {buffer.dtype}, layout expects {np.dtype(PAYLOAD_DTYPE)}")
+
+
+def payload_class(key: str) -> tuple[str, int, int]:
+    """``class_bytes`` key (or "routing_stats") → (class, layer, expert), -1 where not applicable."""
+    parts = key.split("/")
+    layer = int(parts[1][1:]) if len(parts) > 1 else -1
+    expert = int(parts[2][1:]) if len(parts) > 2 else -1
+    return parts[0], layer, expert

@@ -11,8 +11,9 @@ adaptive α → semantic aggregation = the full method). Writes:
 - ``paper_ablation_curves.csv``: every run's accuracy per round;
 - ``paper_ablation_alpha<α>.png``: mean accuracy vs round per setting.
 
-Each run's directory is kept under ``--out/runs``; a run whose tables are
-complete is read back instead of rerun, so an interrupted grid resumes.
+Each run's directory is kept under ``--out/runs``, named by setting, α, seed
+and a digest of its whole configuration; a completed run of the same
+configuration is read back instead of rerun, so an interrupted grid resumes.
 
     .venv/bin/python benchmarks/paper_ablation.py                    # the full grid (hours on 2 cores)
     .venv/bin/python benchmarks/paper_ablation.py --alphas 0.1 --settings fedavg fedprox fedmoe fedalign_moe
@@ -68,13 +69,13 @@ LABELS = {
 
 
 def run_once(config: str, setting: str, alpha: float, seed: int, extra: list[str], runs: Path) -> pd.DataFrame:
-    """One run's rounds table, read back when a previous invocation completed it."""
-    out = runs / f"{setting}-a{alpha}-s{seed}"
+    """One run's rounds table, read back when a previous invocation completed the same configuration."""
+    cfg = load_config(config, [*SETTINGS[setting], f"data.alpha={alpha}", f"seed={seed}", "progress=false",
+                               f"name={setting}", *extra])
+    out = runs / f"{setting}-a{alpha}-s{seed}-{cfg.digest()[:8]}"  # the digest: other overrides, other runs
     status = out / "status.json"
     if status.exists() and json.loads(status.read_text()).get("status") == "completed":
         return pd.read_parquet(out / "rounds.parquet")
-    cfg = load_config(config, [*SETTINGS[setting], f"data.alpha={alpha}", f"seed={seed}", "progress=false",
-                               f"name={setting}", *extra])
     return run(cfg, out=out).rounds
 
 

@@ -70,6 +70,7 @@ class RunResult:
     run_dir: Path
     rounds: Any  # pandas.DataFrame
     clients: Any
+    comm: Any
 
 
 def _peak_rss_mib() -> float:
@@ -264,7 +265,7 @@ def _execute(
         log.removeHandler(handler)
         handler.close()
     _write_status(run_dir, "completed", rounds=cfg.rounds)
-    return RunResult(run_dir, table.rounds_frame(), table.clients_frame())
+    return RunResult(run_dir, table.rounds_frame(), table.clients_frame(), table.comm_frame())
 
 
 def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
@@ -343,7 +344,7 @@ def _loop(
             row["eval_wall_s"] = time.perf_counter() - t1
         row["wall_s"] = time.perf_counter() - t0
         row["driver_peak_rss_mib"] = _peak_rss_mib()
-        record = RoundRecord(r, row, summary.clients)
+        record = RoundRecord(r, row, summary.clients, summary.comm)
         stop = False
         for cb in cbs:
             s, extra = cb.after_round(record)

@@ -9,11 +9,12 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One finished round: its table row and its per-client rows."""
+    """One finished round: its table row, its per-client rows and its communication rows."""
 
     round_idx: int
     row: dict[str, Any]
     clients: list[dict[str, Any]] = field(default_factory=list)
+    comm: list[dict[str, Any]] = field(default_factory=list)  # bytes per client, direction and payload class
 
 
 class Callback:

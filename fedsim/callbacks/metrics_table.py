@@ -1,4 +1,4 @@
-"""Round and client tables of a run, written as parquet and csv after every round.
+"""Round, client and communication tables of a run, written as parquet (and csv) after every round.
 
 Rewriting both small tables each round keeps what is on disk complete up to
 the last finished round, even if the run dies in the next one.
@@ -15,18 +15,21 @@ from fedsim.callbacks.base import Callback, RoundRecord
 
 
 class MetricsTable(Callback):
-    """Collects ``rounds`` (one row per round) and ``clients`` (one row per client-round)."""
+    """Collects ``rounds`` (one row per round), ``clients`` (one row per client-round) and ``comm``
+    (one row per client-round, direction and payload class: shared, router of a layer, expert of a layer,
+    routing statistics)."""
 
     def __init__(self) -> None:
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
+        self.comm: list[dict[str, Any]] = []
         self.run_dir: Path | None = None
 
     @classmethod
     def read(cls, run_dir: Path, *, up_to_round: int) -> MetricsTable:
         """The tables a run wrote, cut back to rounds ≤ ``up_to_round`` (a resumed run rewrites the rest)."""
         table = cls()
-        for name, rows in (("rounds", table.rounds), ("clients", table.clients)):
+        for name, rows in (("rounds", table.rounds), ("clients", table.clients), ("comm", table.comm)):
             path = run_dir / f"{name}.parquet"
             if path.exists():
                 frame = pd.read_parquet(path)
@@ -39,6 +42,7 @@ class MetricsTable(Callback):
     def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
         self.rounds.append(dict(record.row))
         self.clients.extend({"round": record.round_idx, **c} for c in record.clients)
+        self.comm.extend({"round": record.round_idx, **c} for c in record.comm)
         self.write()
         return False, {}
 
@@ -48,11 +52,15 @@ class MetricsTable(Callback):
     def clients_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.clients)
 
+    def comm_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.comm)
+
     def write(self) -> None:
         if self.run_dir is None:
             return
-        for name, frame in (("rounds", self.rounds_frame()), ("clients", self.clients_frame())):
+        for name, frame in (("rounds", self.rounds_frame()), ("clients", self.clients_frame()), ("comm", self.comm_frame())):
             tmp = self.run_dir / f".{name}.parquet.tmp"
             frame.to_parquet(tmp, index=False)
             tmp.replace(self.run_dir / f"{name}.parquet")
-            frame.to_csv(self.run_dir / f"{name}.csv", index=False)
+            if name != "comm":  # the long per-class table is parquet only
+                frame.to_csv(self.run_dir / f"{name}.csv", index=False)

@@ -191,8 +191,10 @@ class TorchEngine:
         np.subtract(delta, payload, out=delta)
         if cid in faults.nan_clients and faulty_round:
             delta[:1] = np.nan  # injected fault (faults.nan_clients): one NaN poisons a plain average
-        up = self.layout.role_bytes()
-        down = dict(up, expert=0) if instructions.personal is not None else dict(up)  # own experts stay on the client
+        up = self.layout.class_bytes()
+        down = dict(up)
+        if instructions.personal is not None:  # its own experts stay on the client
+            down = {k: 0 if k.startswith("expert/") else v for k, v in up.items()}
         up["routing_stats"] = sum(s.nbytes for s in routing)
         return ClientUpdate(
             client_id=cid,

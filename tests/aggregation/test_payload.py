@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregation import PAYLOAD_DTYPE, EntrySpec, LayoutMismatch, PayloadLayout
+from aggregation.payload import payload_class
 
 # Given out of order on purpose. Sizes: a 3, b 6, c 4, d 3, e 6, f 3, e2 2, g 3, h 1 (scalar).
 A = EntrySpec("l1.experts.lora_A", "expert", 1, 0, (1, 3), axis=0, start=0, stop=1)
@@ -263,3 +264,22 @@ def test_expert_block_is_the_one_span_holding_every_expert_entry():
     # Execute / Assert: shared 0:2, router 2:4, experts 4:10
     assert layout.expert_block == (4, 10)
     assert PayloadLayout.build([EntrySpec("w", "shared", None, None, (2,))]).expert_block == (2, 2)
+
+
+def test_class_bytes_split_routers_by_layer_and_experts_by_layer_and_expert():
+    # Prepare
+    layout = PayloadLayout.build([
+        EntrySpec("attn", "shared", None, None, (2,)),
+        EntrySpec("gate", "router", 0, None, (2, 1)),
+        EntrySpec("e0", "expert", 0, 0, (3,)),
+        EntrySpec("e1", "expert", 0, 1, (3,)),
+    ])
+
+    # Execute
+    by_class = layout.class_bytes()
+
+    # Assert
+    assert by_class == {"shared": 8, "router/L0": 8, "expert/L0/E0": 12, "expert/L0/E1": 12}
+    assert sum(by_class.values()) == layout.nbytes
+    assert [payload_class(k) for k in (*by_class, "routing_stats")] == [
+        ("shared", -1, -1), ("router", 0, -1), ("expert", 0, 0), ("expert", 0, 1), ("routing_stats", -1, -1)]

@@ -88,6 +88,9 @@ def test_run_pfl_moe_keeps_experts_on_returning_clients(ray_session, tiny_config
     # every client returns in round 2 and downloads no experts: its own stayed with it
     down = clients.pivot(index="client", columns="round", values="bytes_down")
     assert (down[2] < down[1]).all()
+    comm = result.comm
+    expert_down = comm[(comm["payload_class"] == "expert") & (comm["direction"] == "down")].groupby("round")["bytes"].sum()
+    assert expert_down[1] > 0 and expert_down[2] == 0
 
 
 def test_a_nan_update_is_rejected_and_the_run_goes_on(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -139,3 +142,14 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_metrics_match_a_clean_ru
     assert killer.killed is not None
     assert result.rounds["clients_failed"].tolist() == [0, 0, 0]
     pd.testing.assert_frame_equal(result.rounds[METRICS], clean.rounds[METRICS])
+
+
+def test_comm_table_splits_each_clients_bytes_by_payload_class(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config("rounds=1"), out=tmp_path / "comm")
+    comm = pd.read_parquet(tmp_path / "comm" / "comm.parquet")
+    per_client = comm.groupby(["round", "client", "direction"])["bytes"].sum().unstack("direction")
+    clients = result.clients.set_index(["round", "client"])
+    assert (per_client["up"] == clients["bytes_up"]).all() and (per_client["down"] == clients["bytes_down"]).all()
+    experts = comm[(comm["payload_class"] == "expert") & (comm["client"] == comm["client"].iloc[0])]
+    assert len(experts[experts["direction"] == "up"]) == 2 * 4  # tiny model: 2 MoE layers × 4 experts
+    assert set(comm["payload_class"]) == {"shared", "router", "expert", "routing_stats"}
