@@ -322,16 +322,7 @@ def _loop(
                 cb.on_client_progress(round_idx=r, done=done, total=len(refs))
         summary: RoundSummary = ray.get(summary_ref)
         del refs
-        if summary.failures:
-            stop = cfg.workers.on_client_failure == "stop" or not summary.clients
-            for f in summary.failures:
-                log.log(logging.ERROR if stop else logging.WARNING, "round %d: %s%s", r, f,
-                        "" if stop else " (dropped from the round)", extra=FILE_ONLY if stop else {})
-            if stop:
-                what = "every client" if not summary.clients else f"{len(summary.failures)} client(s)"
-                raise RunFailed(f"round {r}: {what} failed; first: {summary.failures[0]}")
-        for reason in summary.rejected:
-            log.warning("round %d: rejected the update of %s", r, reason)
+        _handle_failures(cfg, r, summary)
         payload_ref = new_ref
         t_train = time.perf_counter() - t0
         row = _round_row(r, cohort, summary, t_train, len(pool))
@@ -357,6 +348,23 @@ def _loop(
             save_checkpoint(run_dir, state)
         if stop:
             break
+
+
+def _handle_failures(cfg: RunConfig, r: int, summary: RoundSummary) -> None:
+    """Log the round's failed and rejected clients; raise RunFailed when the policy (or an empty round) says stop."""
+    for reason in summary.rejected:
+        log.warning("round %d: rejected the update of %s", r, reason)
+    if not summary.failures:
+        return
+    stop = cfg.workers.on_client_failure == "stop" or not summary.clients
+    for f in summary.failures:
+        if stop:
+            log.error("round %d: %s", r, f, extra=FILE_ONLY)
+        else:
+            log.warning("round %d: %s (dropped from the round)", r, f)
+    if stop:
+        what = "every client" if not summary.clients else f"{len(summary.failures)} client(s)"
+        raise RunFailed(f"round {r}: {what} failed; first: {summary.failures[0]}")
 
 
 def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, workers: int) -> dict[str, Any]:
