@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ def _client_row(u: ClientUpdate) -> dict[str, Any]:
         "client": u.client_id,
         "n_examples": u.n_examples,
         "train_loss": u.metric("train_loss"),
+        "compression_error": u.metric("compression_error"),  # nan when the uplink is not compressed
         "compute_s": u.compute_seconds,
         "bytes_down": int(sum(u.bytes_down.values())),
         "bytes_up": int(sum(u.bytes_up.values())),
@@ -83,9 +84,17 @@ class Aggregator:
         self.strategy = strategy_factory(layout)
         self.layout = layout
         self.max_update_norm = max_update_norm
+        # Error-feedback residuals of compressed uplinks: client-side state, kept here between the
+        # rounds a client is sampled in (one payload-sized float32 array per such client).
+        self.residuals: dict[int, np.ndarray] = {}
 
     def configure(self, round_idx: int, client_ids: list[int], seeds: list[int]) -> list[ClientInstructions]:
-        return [self.strategy.configure(c, round_idx, seed=s) for c, s in zip(client_ids, seeds, strict=True)]
+        """The strategy's instructions, with each client's error-feedback residual when it has one."""
+        out = []
+        for c, s in zip(client_ids, seeds, strict=True):
+            ins = self.strategy.configure(c, round_idx, seed=s)
+            out.append(replace(ins, residual=self.residuals[c]) if c in self.residuals else ins)
+        return out
 
     @ray.method(num_returns=2)
     def aggregate(self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef]) -> tuple[np.ndarray, RoundSummary]:
@@ -141,16 +150,21 @@ class Aggregator:
         comm.extend(_comm_rows(update))
         if reason is not None:
             rejected.append(f"client {update.client_id}: {reason}")
+            self.residuals.pop(update.client_id, None)  # a rejected update's residual is as suspect as it is
             return
+        if update.residual is not None:
+            self.residuals[update.client_id] = update.residual
         self.strategy.add(ArrayReader(update))
         if update.routing:
             p_bar[update.client_id] = [s.p_bar for s in update.routing]
 
     def state_dict(self) -> dict[str, Any]:
-        return self.strategy.state_dict()
+        """The strategy's state and the clients' error-feedback residuals (for checkpoints)."""
+        return {"strategy": self.strategy.state_dict(), "residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)
+        self.strategy.load_state_dict(state["strategy"])
+        self.residuals = dict(state["residuals"])
 
     def pid(self) -> int:
         return os.getpid()

@@ -43,6 +43,9 @@ class ClientInstructions:
         The client's own experts (``layout.expert_block`` of the payload) for
         personalised strategies: the client trains from them instead of the
         global experts, and its delta is measured from that start.
+    residual : ndarray [layout.total] or None
+        The client's error-feedback residual from its last compressed update
+        (client-side state, kept for it by the aggregator between rounds).
     """
 
     client_id: int
@@ -53,11 +56,13 @@ class ClientInstructions:
     alpha: np.ndarray | None = None
     reg_lambda: float = 0.0
     personal: np.ndarray | None = None
+    residual: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _readonly(self.p_g)
         _readonly(self.alpha)
         _readonly(self.personal)
+        _readonly(self.residual)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +82,10 @@ class ClientUpdate:
         Measured local-training time of this client on its worker.
     bytes_down, bytes_up : dict of str to int
         Bytes by payload class: ``PayloadLayout.class_bytes`` keys ("shared",
-        "router/L<l>", "expert/L<l>/E<e>") and "routing_stats".
+        "router/L<l>", "expert/L<l>/E<e>") and "routing_stats"; as encoded on the wire.
+    residual : ndarray [layout.total] or None
+        The new error-feedback residual (compressed uplinks only); client-side
+        state, not counted in ``bytes_up``.
     """
 
     client_id: int
@@ -89,6 +97,7 @@ class ClientUpdate:
     compute_seconds: float = 0.0
     bytes_down: dict[str, int] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
+    residual: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _readonly(self.delta)

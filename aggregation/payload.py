@@ -167,17 +167,22 @@ class PayloadLayout:
     def router_span(self, layer: int) -> tuple[int, int]:
         return self._router_spans[layer]
 
-    def class_bytes(self) -> dict[str, int]:
-        """Bytes per payload class at the finest grain: "shared", "router/L<l>", "expert/L<l>/E<e>".
+    def class_spans(self) -> dict[str, tuple[int, int]]:
+        """[start, stop) per payload class at the finest grain: "shared" (one block: shared entries come
+        first), "router/L<l>", "expert/L<l>/E<e>". The keys of the communication profile and of the
+        per-slice codecs (see ``payload_class``)."""
+        spans: dict[str, tuple[int, int]] = {}
+        shared = self.select(role="shared")
+        if shared:
+            spans["shared"] = (shared[0].offset, shared[-1].offset + shared[-1].size)
+        spans.update({f"router/L{layer}": span for layer, span in self._router_spans.items()})
+        spans.update({f"expert/L{layer}/E{e}": span for (layer, e), span in self._expert_spans.items()})
+        return spans
 
-        The communication profile's keys (see ``payload_class``); their sum is ``nbytes``.
-        """
+    def class_bytes(self) -> dict[str, int]:
+        """Bytes per ``class_spans`` key; their sum is ``nbytes``."""
         itemsize = np.dtype(PAYLOAD_DTYPE).itemsize
-        out: dict[str, int] = {}
-        for e in self.entries:
-            key = e.role if e.role == "shared" else f"router/L{e.layer}" if e.role == "router" else f"expert/L{e.layer}/E{e.expert}"
-            out[key] = out.get(key, 0) + e.size * itemsize
-        return out
+        return {key: (b - a) * itemsize for key, (a, b) in self.class_spans().items()}
 
     def role_bytes(self) -> dict[str, int]:
         """Bytes per payload class ("shared", "router", "expert")."""

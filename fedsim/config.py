@@ -206,6 +206,16 @@ class FaultsConfig(_Section):
     fail_rounds: list[int] = Field(default_factory=list, description="empty: every round")
 
 
+class CompressionConfig(_Section):
+    """Lossy encoding of client updates on the uplink (aggregation/compression.py); bytes counted as encoded."""
+
+    uplink: Literal["none", "fp16", "bf16", "int8", "topk"] = Field(
+        "none", description="codec per payload slice: 16-bit floats, int8 with a scale per slice, or top-k"
+    )
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="share of each slice's values top-k keeps")
+    error_feedback: bool = Field(True, description="carry what the codec dropped to the client's next round")
+
+
 class CheckpointConfig(_Section):
     """Run state written after every ``every`` rounds (and the last) for ``fedsim resume``."""
 
@@ -229,6 +239,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    compression: CompressionConfig = CompressionConfig()
 
     @model_validator(mode="after")
     def _cohort(self) -> RunConfig:

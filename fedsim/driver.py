@@ -281,6 +281,7 @@ def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
         lora_seed=cfg.seed,
         device="cuda" if w.gpus_per_worker > 0 else "cpu",
         faults=cfg.faults,
+        compression=cfg.compression,
     )
     log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
     return WorkerPool(
@@ -384,6 +385,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "routing_tv": _mean_pairwise_tv(s.routing_p_bar),
+        "compression_error": (sum(c["compression_error"] * c["n_examples"] for c in clients) / n) if n else float("nan"),
         "compute_s_sum": compute,
         "train_wall_s": train_wall,
         "overhead_ratio": train_wall / (compute / workers) if compute else float("nan"),

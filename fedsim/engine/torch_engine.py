@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
+from aggregation.compression import encode
 from aggregation.payload import PayloadLayout
 from aggregation.routing_stats import RoutingStats
-from fedsim.config import FaultsConfig, LoraConfig, TrainConfig
+from fedsim.config import CompressionConfig, FaultsConfig, LoraConfig, TrainConfig
 from fedsim.data.encoded import EncodedBatch, EncodedSplit
 from fedsim.engine.routing_regulariser import routing_regulariser
 from fedsim.models import (
@@ -50,6 +51,7 @@ class TorchEngineSpec:
     lora_seed: int = 0
     device: str = "cpu"
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __call__(self) -> TorchEngine:
         return TorchEngine(self)
@@ -193,6 +195,18 @@ class TorchEngine:
             delta[:1] = np.nan  # injected fault (faults.nan_clients): one NaN poisons a plain average
         up = self.layout.class_bytes()
         down = dict(up)
+        metrics = {"train_loss": (loss_sum, float(seen))}
+        residual = None
+        comp = self.spec.compression
+        if comp.uplink != "none":  # what the server receives is what it would decode
+            carried = None
+            if comp.error_feedback:
+                carried = instructions.residual if instructions.residual is not None else np.zeros_like(delta)
+            encoded, residual = encode(delta, self.layout.class_spans(), comp.uplink, fraction=comp.topk_fraction,
+                                       residual=carried)
+            delta = encoded.values
+            up.update(encoded.nbytes)
+            metrics["compression_error"] = (encoded.relative_error * n, float(n))
         if instructions.personal is not None:  # its own experts stay on the client
             down = {k: 0 if k.startswith("expert/") else v for k, v in up.items()}
         up["routing_stats"] = sum(s.nbytes for s in routing)
@@ -202,10 +216,11 @@ class TorchEngine:
             n_examples=n,
             delta=delta,
             routing=routing,
-            metrics={"train_loss": (loss_sum, float(seen))},
+            metrics=metrics,
             compute_seconds=time.perf_counter() - start,
             bytes_down=down,
             bytes_up=up,
+            residual=residual,
         )
 
     @torch.no_grad()

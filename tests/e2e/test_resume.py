@@ -44,11 +44,14 @@ def _kill_after_first_checkpoint(config: Path, run_dir: Path) -> int:
     return load_checkpoint(run_dir).round_idx
 
 
-@pytest.mark.parametrize("strategy", ["fedalign_moe", "pfl_moe"])
-def test_killed_run_resumes_to_the_uninterrupted_tables(ray_session, tiny_config, tmp_path: Path, strategy: str) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: rounds long enough (10 local epochs) for the kill to land mid-run; stateful strategies
-    cfg = tiny_config("rounds=4", "train.local_epochs=10", f"strategy.name={strategy}", "data.alpha=0.3",
-                      "clients_per_round=4")
+@pytest.mark.parametrize(
+    "state",
+    [("strategy.name=fedalign_moe",), ("strategy.name=pfl_moe",), ("compression.uplink=topk",)],
+    ids=["fedalign_moe", "pfl_moe", "error_feedback"],
+)
+def test_killed_run_resumes_to_the_uninterrupted_tables(ray_session, tiny_config, tmp_path: Path, state: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: rounds long enough (10 local epochs) for the kill to land mid-run; state carried across rounds
+    cfg = tiny_config("rounds=4", "train.local_epochs=10", *state, "data.alpha=0.3", "clients_per_round=4")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     full = run(cfg, out=tmp_path / "full")

@@ -153,3 +153,12 @@ def test_comm_table_splits_each_clients_bytes_by_payload_class(ray_session, tiny
     experts = comm[(comm["payload_class"] == "expert") & (comm["client"] == comm["client"].iloc[0])]
     assert len(experts[experts["direction"] == "up"]) == 2 * 4  # tiny model: 2 MoE layers × 4 experts
     assert set(comm["payload_class"]) == {"shared", "router", "expert", "routing_stats"}
+
+
+def test_a_topk_uplink_shrinks_bytes_and_reports_its_error(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    plain = run(tiny_config(), out=tmp_path / "plain")
+    result = run(tiny_config("compression.uplink=topk", "compression.topk_fraction=0.1"), out=tmp_path / "topk")
+    rounds = result.rounds
+    assert (rounds["bytes_up"] < 0.35 * plain.rounds["bytes_up"]).all()  # 10 % of values at 8 bytes + routing stats
+    assert rounds["compression_error"].between(0, 1).all() and plain.rounds["compression_error"].isna().all()
+    assert rounds["test_accuracy"].between(0, 1).all()
