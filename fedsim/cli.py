@@ -1,4 +1,5 @@
-"""``fedsim`` command line: ``fedsim run --config FILE [--out DIR] [key.sub=value ...]``, ``fedsim resume RUN_DIR``.
+"""``fedsim`` command line: ``run --config FILE [--out DIR] [key.sub=value ...]``, ``resume RUN_DIR``,
+``report RUN_DIR``, ``compare RUN_DIR... --out DIR``.
 
 Every error fedsim raises on purpose is printed as one line naming the field
 or file, with exit status 2; nothing deep inside a library reaches the user
@@ -24,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     resume = sub.add_parser("resume", help="continue a stopped or failed run from its last checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoint.pkl)")
+    report = sub.add_parser("report", help="PNG plots and a self-contained report.html for a run directory")
+    report.add_argument("run_dir")
+    compare = sub.add_parser("compare", help="overlay several runs' accuracy curves (vs round and vs bytes)")
+    compare.add_argument("run_dirs", nargs="+")
+    compare.add_argument("--out", required=True, help="directory for compare_accuracy.png and compare.html")
     return parser
 
 
@@ -55,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsim.config import load_config
     from fedsim.driver import RunFailed, resume, run
 
+    if args.command in ("report", "compare"):
+        from fedsim.report import compare, report
+
+        try:
+            page = report(args.run_dir) if args.command == "report" else compare(args.run_dirs, args.out)
+        except FedsimError as exc:
+            print(f"fedsim: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"report: {page}")
+        return 0
     try:
         if args.command == "resume":
             result = resume(args.run_dir)

@@ -336,7 +336,7 @@ def _loop(
             row["eval_wall_s"] = time.perf_counter() - t1
         row["wall_s"] = time.perf_counter() - t0
         row["driver_peak_rss_mib"] = _peak_rss_mib()
-        record = RoundRecord(r, row, summary.clients, summary.comm)
+        record = RoundRecord(r, row, summary.clients, summary.comm, _routing_rows(summary.routing_p_bar))
         stop = False
         for cb in cbs:
             s, extra = cb.after_round(record)
@@ -366,6 +366,16 @@ def _handle_failures(cfg: RunConfig, r: int, summary: RoundSummary) -> None:
     if stop:
         what = "every client" if not summary.clients else f"{len(summary.failures)} client(s)"
         raise RunFailed(f"round {r}: {what} failed; first: {summary.failures[0]}")
+
+
+def _routing_rows(p_bar: dict[int, list[np.ndarray]]) -> list[dict[str, Any]]:
+    """Per MoE layer and expert: the merged clients' mean p̄ (expert utilisation) and its spread across them."""
+    if not p_bar:
+        return []
+    stacked = np.stack([np.stack(layers) for layers in p_bar.values()])  # [clients, L, E]
+    mean, spread = stacked.mean(axis=0), stacked.std(axis=0)
+    return [{"layer": layer, "expert": e, "p_bar_mean": float(mean[layer, e]), "p_bar_std": float(spread[layer, e])}
+            for layer in range(mean.shape[0]) for e in range(mean.shape[1])]
 
 
 def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, workers: int) -> dict[str, Any]:

@@ -9,12 +9,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One finished round: its table row, its per-client rows and its communication rows."""
+    """One finished round: its table row, and its per-client, communication and routing rows."""
 
     round_idx: int
     row: dict[str, Any]
     clients: list[dict[str, Any]] = field(default_factory=list)
     comm: list[dict[str, Any]] = field(default_factory=list)  # bytes per client, direction and payload class
+    routing: list[dict[str, Any]] = field(default_factory=list)  # expert utilisation per layer and expert
 
 
 class Callback:

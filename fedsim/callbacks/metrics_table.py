@@ -17,19 +17,21 @@ from fedsim.callbacks.base import Callback, RoundRecord
 class MetricsTable(Callback):
     """Collects ``rounds`` (one row per round), ``clients`` (one row per client-round) and ``comm``
     (one row per client-round, direction and payload class: shared, router of a layer, expert of a layer,
-    routing statistics)."""
+    routing statistics) and ``routing`` (one row per round, layer and expert: the cohort's mean p̄ and its
+    spread)."""
 
     def __init__(self) -> None:
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
         self.comm: list[dict[str, Any]] = []
+        self.routing: list[dict[str, Any]] = []
         self.run_dir: Path | None = None
 
     @classmethod
     def read(cls, run_dir: Path, *, up_to_round: int) -> MetricsTable:
         """The tables a run wrote, cut back to rounds ≤ ``up_to_round`` (a resumed run rewrites the rest)."""
         table = cls()
-        for name, rows in (("rounds", table.rounds), ("clients", table.clients), ("comm", table.comm)):
+        for name, rows in table._tables():
             path = run_dir / f"{name}.parquet"
             if path.exists():
                 frame = pd.read_parquet(path)
@@ -43,6 +45,7 @@ class MetricsTable(Callback):
         self.rounds.append(dict(record.row))
         self.clients.extend({"round": record.round_idx, **c} for c in record.clients)
         self.comm.extend({"round": record.round_idx, **c} for c in record.comm)
+        self.routing.extend({"round": record.round_idx, **c} for c in record.routing)
         self.write()
         return False, {}
 
@@ -55,12 +58,16 @@ class MetricsTable(Callback):
     def comm_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.comm)
 
+    def _tables(self) -> tuple[tuple[str, list[dict[str, Any]]], ...]:
+        return (("rounds", self.rounds), ("clients", self.clients), ("comm", self.comm), ("routing", self.routing))
+
     def write(self) -> None:
         if self.run_dir is None:
             return
-        for name, frame in (("rounds", self.rounds_frame()), ("clients", self.clients_frame()), ("comm", self.comm_frame())):
+        for name, rows in self._tables():
+            frame = pd.DataFrame(rows)
             tmp = self.run_dir / f".{name}.parquet.tmp"
             frame.to_parquet(tmp, index=False)
             tmp.replace(self.run_dir / f"{name}.parquet")
-            if name != "comm":  # the long per-class table is parquet only
+            if name in ("rounds", "clients"):  # the long per-class and per-expert tables are parquet only
                 frame.to_csv(self.run_dir / f"{name}.csv", index=False)

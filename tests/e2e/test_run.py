@@ -15,6 +15,7 @@ import pytest
 
 from fedsim.callbacks.base import Callback
 from fedsim.driver import RunFailed, run
+from fedsim.report import compare, report
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -162,3 +163,26 @@ def test_a_topk_uplink_shrinks_bytes_and_reports_its_error(ray_session, tiny_con
     assert (rounds["bytes_up"] < 0.35 * plain.rounds["bytes_up"]).all()  # 10 % of values at 8 bytes + routing stats
     assert rounds["compression_error"].between(0, 1).all() and plain.rounds["compression_error"].isna().all()
     assert rounds["test_accuracy"].between(0, 1).all()
+
+
+def test_report_and_compare_draw_every_plot_and_embed_it(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two short runs, one FedAlign-MoE (it has strategy columns and routing statistics)
+    a = run(tiny_config(), out=tmp_path / "fedavg").run_dir
+    b = run(tiny_config("strategy.name=fedalign_moe"), out=tmp_path / "fedalign").run_dir
+
+    # Execute
+    page = report(b)
+    compared = compare([a, b], tmp_path / "cmp")
+
+    # Assert: every PNG exists, is a real image, and the page embeds each one
+    names = {"accuracy", "accuracy_vs_bytes", "bytes_by_class", "expert_utilisation", "client_weights", "fedalign",
+             "failures"}
+    pngs = {p.stem: p for p in (b / "report").glob("*.png")}
+    assert set(pngs) == names
+    text = page.read_text()
+    for p in pngs.values():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+        assert f"alt='{p.name}'" in text
+    assert "compare_accuracy.png" in compared.read_text() and (tmp_path / "cmp" / "compare_accuracy.png").stat().st_size > 5000
+    routing = pd.read_parquet(b / "routing.parquet")
+    assert len(routing) == 2 * 2 * 4 and np.allclose(routing.groupby(["round", "layer"])["p_bar_mean"].sum(), 1.0)
