@@ -48,7 +48,7 @@ class PretrainConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: str = Field("mixtral", description="transformers model_type: mixtral | qwen3_moe")
+    family: str = Field("mixtral", description="transformers model_type: mixtral | qwen3_moe | olmoe | qwen2_moe")
     pretrained: str | None = Field(None, description="hub id or local directory; None builds from this config")
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(4, ge=1)

@@ -72,7 +72,7 @@ def apply_lora(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,  # set per attention adapter below; ParamWrapper rejects any other value
-        target_modules=list(spec.attention_projections) if lora_attention else None,
+        target_modules=list(spec.lora_modules) if lora_attention else None,
         target_parameters=list(spec.target_parameters) if lora_experts else None,
     )
     with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,7 @@ payload layout, the routing hooks) asks a :class:`FamilySpec` instead of
 matching parameter names, so supporting a new family is one entry in
 ``FAMILIES``. Families are keyed by transformers' ``config.model_type``.
 
-Both families here (transformers 5.17–5.22) keep, in every MoE decoder layer
+Every family here (transformers 5.17–5.22) keeps, in every MoE decoder layer
 ``model.layers[i].mlp``:
 
 - ``gate``: a top-k router module holding ``weight`` [E, H] and returning
@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, PretrainedConfig, PreTrainedModel, Qwen3MoeConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    MixtralConfig,
+    OlmoeConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 from aggregation.errors import ConfigError
 
@@ -54,6 +63,13 @@ class FamilySpec:
         Module names of the attention projections LoRA adapts.
     num_experts_key, expert_intermediate_key : str
         Config keys of the number of experts E and of an expert's FFN width I.
+    shared_projections : tuple of str
+        Module paths (from the MoE block) of an always-on shared expert's
+        projections: LoRA adapts them too, and the payload layout files them
+        under ``shared`` (averaged by n, never merged per expert).
+    fixed_config : tuple of (str, object)
+        Config values every model of the family is built with, e.g. the
+        shared expert's width or token ids that must fit a small vocabulary.
     """
 
     model_type: str
@@ -66,6 +82,13 @@ class FamilySpec:
     attention_projections: tuple[str, ...]
     num_experts_key: str
     expert_intermediate_key: str
+    shared_projections: tuple[str, ...] = ()
+    fixed_config: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def lora_modules(self) -> tuple[str, ...]:
+        """Module-name suffixes for peft's ``target_modules``: attention, and shared experts if any."""
+        return self.attention_projections + tuple(f"{self.moe_block}.{p}" for p in self.shared_projections)
 
     @property
     def target_parameters(self) -> tuple[str, ...]:
@@ -126,6 +149,32 @@ FAMILIES: dict[str, FamilySpec] = {
         attention_projections=_ATTENTION,
         num_experts_key="num_experts",
         expert_intermediate_key="moe_intermediate_size",
+    ),
+    "olmoe": FamilySpec(
+        model_type="olmoe",
+        config_class=OlmoeConfig,
+        layers="model.layers",
+        moe_block="mlp",
+        router="gate",
+        experts="experts",
+        expert_parameters=_FUSED,
+        attention_projections=_ATTENTION,
+        num_experts_key="num_experts",
+        expert_intermediate_key="intermediate_size",
+        fixed_config=(("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", None)),  # defaults exceed small vocabs
+    ),
+    "qwen2_moe": FamilySpec(
+        model_type="qwen2_moe",
+        config_class=Qwen2MoeConfig,
+        layers="model.layers",
+        moe_block="mlp",
+        router="gate",
+        experts="experts",
+        expert_parameters=_FUSED,
+        attention_projections=_ATTENTION,
+        num_experts_key="num_experts",
+        expert_intermediate_key="moe_intermediate_size",
+        shared_projections=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
     ),
 }
 
@@ -188,7 +237,10 @@ def build_model(
         "attention_dropout": 0.0,
         spec.num_experts_key: num_experts,
         spec.expert_intermediate_key: intermediate_size,
+        **dict(spec.fixed_config),
     }
+    if spec.shared_projections:  # the shared expert as wide as a routed one
+        options["shared_expert_intermediate_size"] = intermediate_size
     config = spec.config_class(**options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -186,3 +186,12 @@ def test_report_and_compare_draw_every_plot_and_embed_it(ray_session, tiny_confi
     assert "compare_accuracy.png" in compared.read_text() and (tmp_path / "cmp" / "compare_accuracy.png").stat().st_size > 5000
     routing = pd.read_parquet(b / "routing.parquet")
     assert len(routing) == 2 * 2 * 4 and np.allclose(routing.groupby(["round", "layer"])["p_bar_mean"].sum(), 1.0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
+def test_each_family_runs_a_fedalign_moe_round(ray_session, tiny_config, tmp_path: Path, family: str) -> None:  # type: ignore[no-untyped-def]
+    result = run(tiny_config(f"model.family={family}", "strategy.name=fedalign_moe", "rounds=1"), out=tmp_path / family)
+    assert result.rounds["test_accuracy"].between(0, 1).all()
+    assert np.isclose(result.clients["weight"].sum(), 1.0)
+    experts = result.comm[(result.comm["payload_class"] == "expert") & (result.comm["direction"] == "up")]
+    assert experts.groupby("client").size().eq(2 * 4).all()  # 2 MoE layers × 4 experts, each its own slice

@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from aggregation.errors import LayoutMismatch
 from fedsim.models import build_layout, family_of, read_payload, write_payload
+from fedsim.models.registry import family_spec
 
 if TYPE_CHECKING:
     from tests.fedsim.models.conftest import TinyMoE
@@ -44,8 +45,10 @@ def test_build_layout_gives_each_trainable_tensor_a_role(tiny: TinyMoE, family_n
     # Assert
     router = (tiny.experts, tiny.hidden)
     assert [(e.layer, e.shape) for e in layout.select(role="router")] == [(0, router), (1, router)]
-    assert all("self_attn" in e.param and "lora_" in e.param for e in layout.select(role="shared"))
-    assert len(layout.select(role="shared")) == tiny.layers * 4 * 2
+    shared_experts = len(family_spec(family_name).shared_projections)  # Qwen2-MoE's always-on expert: 3 projections
+    assert all(("self_attn" in e.param or "shared_expert" in e.param) and "lora_" in e.param
+               for e in layout.select(role="shared"))
+    assert len(layout.select(role="shared")) == tiny.layers * (4 + shared_experts) * 2
     assert len(layout.select(role="expert")) == tiny.layers * tiny.experts * 4
     pieces = sorted((e.shape, e.axis) for e in layout.select(role="expert", layer=1, expert=2))
     r, h, i = tiny.rank, tiny.hidden, tiny.inter

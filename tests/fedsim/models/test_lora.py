@@ -12,6 +12,7 @@ from torch import nn
 
 from aggregation.errors import ConfigError
 from fedsim.models import apply_lora, family_of
+from fedsim.models.registry import family_spec
 
 if TYPE_CHECKING:
     from tests.fedsim.models.conftest import TinyMoE
@@ -35,8 +36,9 @@ def test_apply_lora_trains_only_lora_factors_and_routers(tiny: TinyMoE, family_n
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     routers = [n for n in trainable if "lora_" not in n]
     assert routers == [f"base_model.model.model.layers.{i}.mlp.gate.weight" for i in range(tiny.layers)]
-    # per layer: 4 attention projections × (A, B) + 2 fused tensors × (A, B)
-    assert len(trainable) - len(routers) == tiny.layers * (4 * 2 + 2 * 2)
+    # per layer: 4 attention projections × (A, B) + 2 fused tensors × (A, B) + shared-expert projections × (A, B)
+    shared_experts = len(family_spec(family_name).shared_projections)
+    assert len(trainable) - len(routers) == tiny.layers * (4 * 2 + 2 * 2 + shared_experts * 2)
 
 
 def test_apply_lora_stacks_expert_factors_along_rank_axis(tiny: TinyMoE, family_name: str) -> None:
