@@ -68,15 +68,27 @@ LABELS = {
 }
 
 
+def _completed(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    return status.exists() and json.loads(status.read_text()).get("status") == "completed"
+
+
 def run_once(config: str, setting: str, alpha: float, seed: int, extra: list[str], runs: Path) -> pd.DataFrame:
     """One run's rounds table, read back when a previous invocation completed the same configuration."""
     cfg = load_config(config, [*SETTINGS[setting], f"data.alpha={alpha}", f"seed={seed}", "progress=false",
                                f"name={setting}", *extra])
     out = runs / f"{setting}-a{alpha}-s{seed}-{cfg.digest()[:8]}"  # the digest: other overrides, other runs
-    status = out / "status.json"
-    if status.exists() and json.loads(status.read_text()).get("status") == "completed":
+    if _completed(out):
         return pd.read_parquet(out / "rounds.parquet")
     return run(cfg, out=out).rounds
+
+
+def read_back(setting: str, alpha: float, seed: int, runs: Path) -> pd.DataFrame | None:
+    """``--report-only``: the completed run of (setting, α, seed) under ``runs``, whatever its digest."""
+    done = [d for d in sorted(runs.glob(f"{setting}-a{alpha}-s{seed}-*")) if _completed(d)]
+    if len(done) > 1:
+        raise SystemExit(f"{runs}: {len(done)} completed runs of {setting} α={alpha} seed={seed}; keep one")
+    return pd.read_parquet(done[0] / "rounds.parquet") if done else None
 
 
 def summarise(curves: pd.DataFrame) -> pd.DataFrame:
@@ -130,6 +142,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--quick", action="store_true", help="1 seed, α = 0.1, 3 rounds, FedAvg and FedAlign-MoE")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: summarise the completed runs under --out (missing ones are left out)")
     parser.add_argument("--out", default="benchmarks/results/paper_ablation")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. rounds=25")
     args = parser.parse_args()
@@ -140,21 +154,29 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = []
-    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
-    try:
-        for alpha in args.alphas:
-            for seed in range(args.seeds):
-                for setting in args.settings:
-                    rounds = run_once(args.config, setting, alpha, seed, args.overrides, out / "runs")
-                    curves.append(rounds[["round", "test_accuracy"]].assign(alpha=alpha, seed=seed, setting=setting))
-                    print(f"α={alpha} seed={seed} {setting}: last acc {rounds['test_accuracy'].iloc[-1]:.3f}", flush=True)
-    finally:
-        ray.shutdown()
+    grid = [(alpha, seed, setting) for alpha in args.alphas for seed in range(args.seeds) for setting in args.settings]
+    if args.report_only:
+        for alpha, seed, setting in grid:
+            rounds = read_back(setting, alpha, seed, out / "runs")
+            if rounds is not None:
+                curves.append(rounds[["round", "test_accuracy"]].assign(alpha=alpha, seed=seed, setting=setting))
+        if not curves:
+            raise SystemExit(f"{out / 'runs'}: no completed run of the requested grid")
+    else:
+        ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+        try:
+            for alpha, seed, setting in grid:
+                rounds = run_once(args.config, setting, alpha, seed, args.overrides, out / "runs")
+                curves.append(rounds[["round", "test_accuracy"]].assign(alpha=alpha, seed=seed, setting=setting))
+                print(f"α={alpha} seed={seed} {setting}: last acc {rounds['test_accuracy'].iloc[-1]:.3f}", flush=True)
+        finally:
+            ray.shutdown()
     all_curves = pd.concat(curves, ignore_index=True)
+    alphas = sorted(all_curves["alpha"].unique())
     all_curves.to_csv(out / "paper_ablation_curves.csv", index=False)
     table = summarise(all_curves)
     table.to_csv(out / "paper_ablation.csv", index=False)
-    for alpha in args.alphas:
+    for alpha in alphas:
         plot(all_curves, alpha, out / f"paper_ablation_alpha{alpha}.png")
     print(table.drop(columns="setting").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("final: mean accuracy of the last 5 rounds; early: rounds 1-10; rounds_to_90: first round at 90 % of the "
