@@ -125,55 +125,25 @@ class FamilySpec:
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FUSED = ("gate_up_proj", "down_proj")
 
+def _fused_family(model_type: str, config_class: type[PretrainedConfig], num_experts_key: str, expert_intermediate_key: str,
+                  **extra: object) -> FamilySpec:
+    """A family laid out as the module docstring describes (every family here)."""
+    return FamilySpec(
+        model_type=model_type, config_class=config_class, layers="model.layers", moe_block="mlp", router="gate",
+        experts="experts", expert_parameters=_FUSED, attention_projections=_ATTENTION,
+        num_experts_key=num_experts_key, expert_intermediate_key=expert_intermediate_key, **extra,  # type: ignore[arg-type]
+    )
+
+
 FAMILIES: dict[str, FamilySpec] = {
-    "mixtral": FamilySpec(
-        model_type="mixtral",
-        config_class=MixtralConfig,
-        layers="model.layers",
-        moe_block="mlp",
-        router="gate",
-        experts="experts",
-        expert_parameters=_FUSED,
-        attention_projections=_ATTENTION,
-        num_experts_key="num_local_experts",
-        expert_intermediate_key="intermediate_size",
-    ),
-    "qwen3_moe": FamilySpec(
-        model_type="qwen3_moe",
-        config_class=Qwen3MoeConfig,
-        layers="model.layers",
-        moe_block="mlp",
-        router="gate",
-        experts="experts",
-        expert_parameters=_FUSED,
-        attention_projections=_ATTENTION,
-        num_experts_key="num_experts",
-        expert_intermediate_key="moe_intermediate_size",
-    ),
-    "olmoe": FamilySpec(
-        model_type="olmoe",
-        config_class=OlmoeConfig,
-        layers="model.layers",
-        moe_block="mlp",
-        router="gate",
-        experts="experts",
-        expert_parameters=_FUSED,
-        attention_projections=_ATTENTION,
-        num_experts_key="num_experts",
-        expert_intermediate_key="intermediate_size",
+    "mixtral": _fused_family("mixtral", MixtralConfig, "num_local_experts", "intermediate_size"),
+    "qwen3_moe": _fused_family("qwen3_moe", Qwen3MoeConfig, "num_experts", "moe_intermediate_size"),
+    "olmoe": _fused_family(
+        "olmoe", OlmoeConfig, "num_experts", "intermediate_size",
         fixed_config=(("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", None)),  # defaults exceed small vocabs
     ),
-    "qwen2_moe": FamilySpec(
-        model_type="qwen2_moe",
-        config_class=Qwen2MoeConfig,
-        layers="model.layers",
-        moe_block="mlp",
-        router="gate",
-        experts="experts",
-        expert_parameters=_FUSED,
-        attention_projections=_ATTENTION,
-        num_experts_key="num_experts",
-        expert_intermediate_key="moe_intermediate_size",
+    "qwen2_moe": _fused_family(
+        "qwen2_moe", Qwen2MoeConfig, "num_experts", "moe_intermediate_size",
         shared_projections=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
     ),
 }
