@@ -25,6 +25,7 @@ from aggregation.messages import ClientInstructions, ClientUpdate
 from aggregation.payload import PayloadLayout, payload_class
 from aggregation.strategy import ArrayReader, Strategy
 from aggregation.update_guard import rejection
+from aggregation.virtual_clock import RoundClock, select
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class RoundSummary:
     failures: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)  # "client C: reason" for updates left out of the merge
     comm: list[dict[str, Any]] = field(default_factory=list)  # bytes per client, direction and payload class
+    stragglers: list[int] = field(default_factory=list)  # clients left out for finishing late on the simulated clock
+    sim_round_s: float = 0.0  # the round's length on the simulated clock
     routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
     aggregator_peak_rss_mib: float = 0.0
     aggregator_uss_mib: float = 0.0  # private memory now: object-store pages read zero-copy are shared, not counted
@@ -97,8 +100,16 @@ class Aggregator:
         return out
 
     @ray.method(num_returns=2)
-    def aggregate(self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef]) -> tuple[np.ndarray, RoundSummary]:
-        """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary."""
+    def aggregate(
+        self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef], clock: RoundClock | None = None
+    ) -> tuple[np.ndarray, RoundSummary]:
+        """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary.
+
+        With a ``clock``, each update's simulated duration decides whether it is merged: under
+        ``deadline`` as it arrives, under ``over_select`` once every update is in (only then is it
+        known which finished first on the simulated clock; the updates wait as object-store views).
+        """
+        clock = clock or RoundClock(profiles={})
         self.strategy.begin(global_payload, round_idx=round_idx)
         position = {ref: i for i, ref in enumerate(update_refs)}
         pending = list(update_refs)
@@ -110,6 +121,8 @@ class Aggregator:
         failures: list[str] = []
         rejected: list[str] = []
         comm: list[dict[str, Any]] = []
+        durations: dict[int, float] = {}
+        kept: frozenset[int] | None = None  # decided before folding only under over_select
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             for ref in ready:
@@ -120,15 +133,26 @@ class Aggregator:
                     failures.append(_failure_reason(exc))
                     arrived[i] = None
             del ready, ref
+            for u in (a for a in arrived.values() if a is not None and a.client_id not in durations):
+                durations[u.client_id] = clock.duration(u.client_id, u.n_examples, u.compute_seconds,
+                                                        sum(u.bytes_down.values()), sum(u.bytes_up.values()))
+            if clock.policy == "over_select" and pending:
+                continue
+            if clock.policy == "over_select" and kept is None:
+                kept = select(durations, "over_select", keep=clock.keep).kept
             while next_i in arrived:
                 update = arrived.pop(next_i)
                 next_i += 1
                 if update is not None:
-                    self._fold(update, rows, p_bar, rejected, comm)
+                    on_time = kept is None or update.client_id in kept
+                    if clock.policy == "deadline":
+                        on_time = durations[update.client_id] <= clock.deadline_s
+                    self._fold(update, rows, p_bar, rejected, comm, durations[update.client_id], on_time)
                 del update  # a strategy that needs the tensors later keeps its own reader
+        timing = select(durations, clock.policy, deadline_s=clock.deadline_s, keep=clock.keep)
         result = self.strategy.finish()
-        clients = [{**r, "weight": 0.0 if r["rejected"] else result.client_weights.get(r["client"], float("nan"))}
-                   for r in rows]
+        clients = [{**r, "weight": 0.0 if r["rejected"] or r["straggler"] else
+                    result.client_weights.get(r["client"], float("nan"))} for r in rows]
         summary = RoundSummary(
             round_idx=round_idx,
             report=dict(result.report),
@@ -136,6 +160,8 @@ class Aggregator:
             failures=failures,
             rejected=rejected,
             comm=comm,
+            stragglers=sorted(timing.stragglers),
+            sim_round_s=timing.round_seconds,
             routing_p_bar=p_bar,
             aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20,
@@ -143,11 +169,15 @@ class Aggregator:
         return result.payload, summary
 
     def _fold(self, update: ClientUpdate, rows: list[dict[str, Any]], p_bar: dict[int, list[np.ndarray]],
-              rejected: list[str], comm: list[dict[str, Any]]) -> None:
-        """Merge one update into the strategy, unless the guard rejects it (then it is only recorded)."""
+              rejected: list[str], comm: list[dict[str, Any]], duration: float, on_time: bool) -> None:
+        """Merge one update into the strategy, unless it is a straggler or the guard rejects it (then it is
+        only recorded)."""
         reason = rejection(update, self.layout, max_norm=self.max_update_norm)
-        rows.append({**_client_row(update), "rejected": reason or ""})
+        rows.append({**_client_row(update), "rejected": reason or "", "sim_duration_s": duration,
+                     "straggler": not on_time})
         comm.extend(_comm_rows(update))
+        if not on_time:
+            return
         if reason is not None:
             rejected.append(f"client {update.client_id}: {reason}")
             self.residuals.pop(update.client_id, None)  # a rejected update's residual is as suspect as it is

@@ -37,6 +37,7 @@ class Checkpoint:
     payload: np.ndarray
     strategy_state: dict[str, Any]
     sampler_state: dict[str, Any]
+    sim_time_s: float = 0.0  # the simulated clock after round_idx
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -63,4 +64,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise FedsimError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise FedsimError(f"{path}: not a fedsim checkpoint of format {FORMAT}")
-    return Checkpoint(raw["round_idx"], raw["payload"], raw["strategy_state"], raw["sampler_state"])
+    return Checkpoint(raw["round_idx"], raw["payload"], raw["strategy_state"], raw["sampler_state"],
+                      raw.get("sim_time_s", 0.0))

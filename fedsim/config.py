@@ -216,6 +216,33 @@ class CompressionConfig(_Section):
     error_feedback: bool = Field(True, description="carry what the codec dropped to the client's next round")
 
 
+class SystemConfig(_Section):
+    """Systems heterogeneity on a simulated clock (aggregation/virtual_clock.py)."""
+
+    profiles: str = Field(
+        "uniform", description="uniform | random (slow_fraction, slow_factor) | a csv/json/parquet file with columns "
+        "client, speed_factor, downlink_mbps, uplink_mbps, latency_s",
+    )
+    slow_fraction: float = Field(0.0, ge=0, le=1, description="random profiles: share of clients that are slow")
+    slow_factor: float = Field(1.0, ge=1, allow_inf_nan=False, description="random profiles: their compute slowdown")
+    downlink_mbps: float | None = Field(None, gt=0, description="random/uniform profiles: None is free")
+    uplink_mbps: float | None = Field(None, gt=0)
+    latency_s: float = Field(0.0, ge=0)
+    seconds_per_example: float | None = Field(
+        None, gt=0, description="None: measured compute seconds; a number: a reproducible compute model"
+    )
+    policy: Literal["wait_all", "deadline", "over_select"] = "wait_all"
+    deadline_s: float | None = Field(None, gt=0, description="policy deadline: updates later than this are dropped")
+    over_selection: float = Field(0.3, ge=0, description="policy over_select: sample ⌈k·(1 + r)⌉, keep the first k")
+    availability: float = Field(1.0, gt=0, le=1, description="probability a client is online when a round samples")
+
+    @model_validator(mode="after")
+    def _deadline(self) -> SystemConfig:
+        if self.policy == "deadline" and self.deadline_s is None:
+            raise ValueError("policy 'deadline' needs deadline_s")
+        return self
+
+
 class CheckpointConfig(_Section):
     """Run state written after every ``every`` rounds (and the last) for ``fedsim resume``."""
 
@@ -240,6 +267,7 @@ class RunConfig(_Section):
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     compression: CompressionConfig = CompressionConfig()
+    system: SystemConfig = SystemConfig()
 
     @model_validator(mode="after")
     def _cohort(self) -> RunConfig:

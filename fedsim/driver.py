@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -28,6 +29,7 @@ import yaml
 from actors import EMBEDDED_SYSTEM_CONFIG, Aggregator, RoundSummary, WorkerPool, count_finished, resolve_num_workers
 from aggregation.errors import FedsimError
 from aggregation.routing_stats import total_variation
+from aggregation.virtual_clock import DeviceProfile, RoundClock, available, over_selected
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.callbacks.metrics_table import MetricsTable
 from fedsim.callbacks.progress import Progress
@@ -35,6 +37,7 @@ from fedsim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedsim.config import RunConfig, load_config
 from fedsim.engine.torch_engine import TorchEngineSpec
 from fedsim.prepare import PreparedRun, prepare
+from fedsim.profiles import build_profiles, write_profiles
 from fedsim.quiet import quiet_libraries
 from fedsim.strategies import StrategyFactory
 
@@ -61,8 +64,11 @@ class ClientSampler:
         self.num_clients, self.per_round = num_clients, per_round
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3]))
 
-    def sample(self) -> list[int]:
-        return sorted(int(c) for c in self.rng.choice(self.num_clients, self.per_round, replace=False))
+    def sample(self, available: list[int] | None = None, count: int | None = None) -> list[int]:
+        """``count`` (default: per round) clients among ``available`` (default: all), fewer if fewer are online."""
+        pool = list(range(self.num_clients)) if available is None else available
+        k = min(self.per_round if count is None else count, len(pool))
+        return sorted(int(pool[i]) for i in self.rng.choice(len(pool), k, replace=False)) if k else []
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         os.environ.setdefault(k, v)
     quiet_libraries()
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
+    profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # so does a bad profiles file
     started_ray = start_ray(cfg)
     try:
         num_workers = _num_workers(cfg)  # resources that cannot hold the workers fail here too
@@ -187,7 +194,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         "started": datetime.now().isoformat(timespec="seconds"),
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return _execute(cfg, prepared, run_dir, num_workers, started_ray, handler, MetricsTable(), callbacks, None)
+    return _execute(cfg, prepared, profiles, run_dir, num_workers, started_ray, handler, MetricsTable(), callbacks, None)
 
 
 def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
@@ -204,6 +211,7 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     cfg = load_config(run_dir / "config.yaml", [])
     checkpoint = load_checkpoint(run_dir)
     prepared = prepare(cfg)
+    profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     if manifest.get("partition_hash") != prepared.partition_hash:
         raise FedsimError(f"{run_dir}: the data partition changed since the run started; cannot resume exactly")
@@ -221,7 +229,7 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     )
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     table = MetricsTable.read(run_dir, up_to_round=checkpoint.round_idx)
-    return _execute(cfg, prepared, run_dir, num_workers, started_ray, handler, table, callbacks, checkpoint)
+    return _execute(cfg, prepared, profiles, run_dir, num_workers, started_ray, handler, table, callbacks, checkpoint)
 
 
 def _num_workers(cfg: RunConfig) -> int:
@@ -232,6 +240,7 @@ def _num_workers(cfg: RunConfig) -> int:
 def _execute(
     cfg: RunConfig,
     prepared: PreparedRun,
+    profiles: dict[int, DeviceProfile],
     run_dir: Path,
     num_workers: int,
     started_ray: bool,
@@ -249,7 +258,7 @@ def _execute(
         for cb in cbs:
             cb.on_run_begin(run_dir=run_dir, total_rounds=cfg.rounds)
         pool = _make_pool(cfg, prepared, num_workers)
-        _loop(cfg, prepared, pool, cbs, run_dir, checkpoint)
+        _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
         status = "completed"
     except Exception as exc:
         log.error("run failed: %s", exc, extra=FILE_ONLY)
@@ -291,19 +300,26 @@ def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
 
 
 def _loop(
-    cfg: RunConfig, prepared: PreparedRun, pool: WorkerPool, cbs: list[Callback], run_dir: Path,
-    checkpoint: Checkpoint | None,
+    cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, cbs: list[Callback],
+    run_dir: Path, checkpoint: Checkpoint | None,
 ) -> None:
     layout, initial = pool.describe()
     aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
+    system = cfg.system
+    write_profiles(profiles, run_dir / "profiles.csv")
+    clock = RoundClock(
+        profiles, system.policy, deadline_s=system.deadline_s or math.inf, keep=cfg.clients_per_round,
+        seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs,
+    )
+    sim_time = 0.0
     first = 1
     if checkpoint is not None:
         if checkpoint.payload.shape != initial.shape:
             raise FedsimError(f"checkpoint payload has {checkpoint.payload.shape}, the model's layout {initial.shape}")
         ray.get(aggregator.load_state_dict.remote(checkpoint.strategy_state))
         sampler.rng.bit_generator.state = checkpoint.sampler_state
-        initial, first = checkpoint.payload, checkpoint.round_idx + 1
+        initial, first, sim_time = checkpoint.payload, checkpoint.round_idx + 1, checkpoint.sim_time_s
     payload_ref = ray.put(initial)
     del initial
     chunk = cfg.eval.batch_size
@@ -311,11 +327,14 @@ def _loop(
     log.info("payload: %d values (%.2f MiB) in %d entries", layout.total, layout.nbytes / 2**20, len(layout))
     for r in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
-        cohort = sampler.sample()
-        log.debug("round %d cohort %s", r, cohort)
+        online = available(cfg.data.num_clients, round_idx=r, seed=cfg.seed, probability=system.availability)
+        count = over_selected(cfg.clients_per_round, system.over_selection, len(online)) \
+            if system.policy == "over_select" else cfg.clients_per_round
+        cohort = sampler.sample(online, count)
+        log.debug("round %d cohort %s (%d of %d clients online)", r, cohort, len(online), cfg.data.num_clients)
         instructions = ray.get(aggregator.configure.remote(r, cohort, [client_seed(cfg.seed, r, c) for c in cohort]))
         refs = pool.submit(payload_ref, instructions, [prepared.partitions[c] for c in cohort])
-        new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs)
+        new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs, clock)
         done = 0
         while done < len(refs):
             done = count_finished(refs, timeout_s=0.25)
@@ -327,6 +346,10 @@ def _loop(
         payload_ref = new_ref
         t_train = time.perf_counter() - t0
         row = _round_row(r, cohort, summary, t_train, len(pool))
+        sim_time += summary.sim_round_s
+        row.update(sim_round_s=summary.sim_round_s, sim_time_s=sim_time, stragglers=len(summary.stragglers))
+        if summary.stragglers:
+            log.info("round %d: stragglers left out on the simulated clock: %s", r, summary.stragglers)
         if r % cfg.eval.every == 0 or r == cfg.rounds:
             t1 = time.perf_counter()
             chunks = pool.evaluate(payload_ref, eval_chunks)
@@ -345,7 +368,8 @@ def _loop(
         log.info("round %d: %s", r, {k: row[k] for k in ("train_loss", "test_accuracy") if k in row})
         every = cfg.checkpoint.every
         if every and (r % every == 0 or r == cfg.rounds or stop):
-            state = Checkpoint(r, ray.get(payload_ref), ray.get(aggregator.state_dict.remote()), sampler.rng.bit_generator.state)
+            state = Checkpoint(r, ray.get(payload_ref), ray.get(aggregator.state_dict.remote()),
+                               sampler.rng.bit_generator.state, sim_time)
             save_checkpoint(run_dir, state)
         if stop:
             break

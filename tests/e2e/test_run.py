@@ -195,3 +195,38 @@ def test_each_family_runs_a_fedalign_moe_round(ray_session, tiny_config, tmp_pat
     assert np.isclose(result.clients["weight"].sum(), 1.0)
     experts = result.comm[(result.comm["payload_class"] == "expert") & (result.comm["direction"] == "up")]
     assert experts.groupby("client").size().eq(2 * 4).all()  # 2 MoE layers × 4 experts, each its own slice
+
+
+def test_a_deadline_drops_the_slow_client_on_the_simulated_clock(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client 2 computes 1000× slower; a reproducible compute model (10 ms an example)
+    profiles = tmp_path / "profiles.csv"
+    pd.DataFrame({"client": [2], "speed_factor": [1000.0], "downlink_mbps": [100.0], "uplink_mbps": [100.0],
+                  "latency_s": [0.5]}).to_csv(profiles, index=False)
+    cfg = tiny_config(f"system.profiles={profiles}", "system.seconds_per_example=0.01", "system.policy=deadline",
+                      "system.deadline_s=30")
+
+    # Execute
+    result = run(cfg, out=tmp_path / "deadline")
+
+    # Assert: client 2 is the one straggler every round, merged by nobody; the clock advanced by the deadline
+    rounds, clients = result.rounds, result.clients
+    assert rounds["stragglers"].tolist() == [1, 1]
+    late = clients[clients["straggler"]]
+    assert set(late["client"]) == {2} and (late["weight"] == 0).all() and (late["sim_duration_s"] > 30).all()
+    assert np.isclose(clients[~clients["straggler"]].groupby("round")["weight"].sum(), 1.0).all()
+    assert rounds["sim_round_s"].tolist() == [30.0, 30.0] and rounds["sim_time_s"].tolist() == [30.0, 60.0]
+    assert (tmp_path / "deadline" / "profiles.csv").exists()
+
+
+def test_over_selection_keeps_the_first_k_to_finish(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: 4 per round, over-select by 50 % → all 6 sampled, the 4 fastest (fewest examples) kept
+    cfg = tiny_config("clients_per_round=4", "system.policy=over_select", "system.over_selection=0.5",
+                      "system.seconds_per_example=0.01", "rounds=1")
+
+    # Execute
+    clients = run(cfg, out=tmp_path / "over").clients
+
+    # Assert
+    assert len(clients) == 6 and (~clients["straggler"]).sum() == 4
+    fastest = set(clients.sort_values(["sim_duration_s", "client"])["client"].head(4))
+    assert set(clients[~clients["straggler"]]["client"]) == fastest

@@ -89,3 +89,16 @@ def test_false_for_a_choice_without_off_still_names_the_field() -> None:
 def test_max_update_norm_must_be_a_positive_number(value: str) -> None:
     with pytest.raises(ConfigError, match="strategy.max_update_norm"):
         load_config(None, [f"strategy.max_update_norm={value}"])
+
+
+def test_deadline_policy_needs_a_deadline() -> None:
+    with pytest.raises(ConfigError, match="system: .*deadline_s"):
+        load_config(None, ["system.policy=deadline"])
+
+
+def test_a_missing_profiles_file_names_the_field(tmp_path: Path) -> None:
+    from fedsim.profiles import build_profiles
+
+    cfg = load_config(None, [f"system.profiles={tmp_path / 'nope.csv'}"])
+    with pytest.raises(ConfigError, match="^system.profiles: file not found"):
+        build_profiles(cfg.system, 4, seed=0)

@@ -1,0 +1,62 @@
+"""Device profiles of a run's clients: built from the config (seeded) or read from a file, and stored.
+
+The file form takes one row per client with columns ``client``,
+``speed_factor``, ``downlink_mbps``, ``uplink_mbps`` and ``latency_s`` (csv,
+json records or parquet, read with pandas); clients it leaves out get a
+speed-1 device with free links. The profiles a run used are written to its
+directory as ``profiles.csv``, so a run can be re-timed or repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from aggregation.errors import ConfigError
+from aggregation.virtual_clock import DeviceProfile, random_profiles
+from fedsim.config import SystemConfig
+
+COLUMNS = ("client", "speed_factor", "downlink_mbps", "uplink_mbps", "latency_s")
+
+
+def _bps(mbps: float | None) -> float:
+    return math.inf if mbps is None or not math.isfinite(mbps) else mbps * 1e6 / 8
+
+
+def build_profiles(system: SystemConfig, num_clients: int, seed: int) -> dict[int, DeviceProfile]:
+    """Profiles for clients 0..num_clients-1; a bad file is a one-line error naming ``system.profiles``."""
+    if system.profiles in ("uniform", "random"):
+        return random_profiles(
+            num_clients, seed=seed, slow_fraction=system.slow_fraction if system.profiles == "random" else 0.0,
+            slow_factor=system.slow_factor, downlink_bps=_bps(system.downlink_mbps), uplink_bps=_bps(system.uplink_mbps),
+            latency_s=system.latency_s,
+        )
+    path = Path(system.profiles)
+    readers = {".csv": pd.read_csv, ".json": pd.read_json, ".parquet": pd.read_parquet}
+    if path.suffix not in readers:
+        raise ConfigError(f"system.profiles: {path} is neither uniform, random nor a .csv/.json/.parquet file")
+    if not path.exists():
+        raise ConfigError(f"system.profiles: file not found: {path}")
+    try:
+        table = readers[path.suffix](path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"system.profiles: cannot read {path} ({type(exc).__name__})") from None
+    missing = [c for c in COLUMNS if c not in table]
+    if missing:
+        raise ConfigError(f"system.profiles: {path} lacks the columns {missing}")
+    if (table["speed_factor"] <= 0).any() or (table[["downlink_mbps", "uplink_mbps"]] <= 0).any().any():
+        raise ConfigError(f"system.profiles: {path} has a non-positive speed_factor or link speed")
+    return {
+        int(r.client): DeviceProfile(float(r.speed_factor), _bps(r.downlink_mbps), _bps(r.uplink_mbps), float(r.latency_s))
+        for r in table.itertuples()
+        if 0 <= int(r.client) < num_clients
+    }
+
+
+def write_profiles(profiles: dict[int, DeviceProfile], path: Path) -> None:
+    rows = [{"client": c, "speed_factor": p.speed_factor,
+             "downlink_mbps": p.downlink_bps * 8 / 1e6, "uplink_mbps": p.uplink_bps * 8 / 1e6, "latency_s": p.latency_s}
+            for c, p in sorted(profiles.items())]
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, index=False)
