@@ -1,5 +1,6 @@
 """``fedsim`` command line: ``run --config FILE [--out DIR] [key.sub=value ...]``, ``resume RUN_DIR``,
-``report RUN_DIR``, ``compare RUN_DIR... --out DIR``.
+``report RUN_DIR``, ``compare RUN_DIR... --out DIR``, and the Ray Jobs commands ``submit``, ``status``,
+``logs``, ``stop`` (``--address http://HEAD:8265``).
 
 Every error fedsim raises on purpose is printed as one line naming the field
 or file, with exit status 2; nothing deep inside a library reaches the user
@@ -30,7 +31,46 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="overlay several runs' accuracy curves (vs round and vs bytes)")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", required=True, help="directory for compare_accuracy.png and compare.html")
+    submit = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--config", "-c", help="YAML config file")
+    submit.add_argument("--out", help="out_dir on a filesystem every node sees (default: the config's, absolute)")
+    submit.add_argument("--follow", action="store_true", help="print the job's log until it ends; exit 0 on success")
+    submit.add_argument("--pip", action="store_true", help="have Ray install requirements.txt on the nodes")
+    submit.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    for name, what in (("status", "a job's status and run directory"), ("logs", "a job's log"), ("stop", "stop a job")):
+        job = sub.add_parser(name, help=what)
+        job.add_argument("--address", required=True)
+        job.add_argument("job_id")
     return parser
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """The Ray Jobs commands; errors are one line, exit 2."""
+    from fedsim import jobs
+
+    try:
+        if args.command == "submit":
+            cfg = jobs.job_config(args.config, list(args.overrides), args.out)
+            job_id, run_dir = jobs.submit(args.address, cfg, pip=args.pip)
+            print(f"submitted job {job_id}; run directory {run_dir}")
+            if args.follow:
+                final = jobs.follow(args.address, job_id)
+                print(f"job {job_id}: {final.value}")
+                return 0 if final.value == "SUCCEEDED" else 1
+        elif args.command == "status":
+            print(jobs.status(args.address, args.job_id))
+        elif args.command == "logs":
+            print(jobs.logs(args.address, args.job_id), end="")
+        else:
+            print(f"job {args.job_id}: {'stop requested' if jobs.stop(args.address, args.job_id) else 'not running'}")
+    except FedsimError as exc:
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # the job SDK's own errors, e.g. an unknown job id
+        print(f"fedsim: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _summary_table(rounds: object) -> str:
@@ -61,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsim.config import load_config
     from fedsim.driver import RunFailed, resume, run
 
+    if args.command in ("submit", "status", "logs", "stop"):
+        return _jobs(args)
     if args.command in ("report", "compare"):
         from fedsim.report import compare, report
 
