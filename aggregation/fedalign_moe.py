@@ -72,6 +72,9 @@ class FedAlignOptions:
         again (needs ``semantic``, whose γ it uses).
     sigma_tol : float
         Slack of the hard gate's σ ≥ τ comparison.
+    direction_consensus : bool
+        Eq. 10's max(D, 0) factor; False drops it (γ is the σ gate alone), an ablation for
+        updates whose directions are too weakly correlated to weigh by (see the README).
     """
 
     reg_lambda: float = 0.1
@@ -85,6 +88,7 @@ class FedAlignOptions:
     soft_temperature: float = 0.05
     expert_agg: Literal["global", "personalized"] = "global"
     sigma_tol: float = 1e-9
+    direction_consensus: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -292,7 +296,10 @@ class FedAlignMoE(Strategy):
                     signatures = {layer: (np.stack([st.mu for st in stats]), np.stack([st.counts for st in stats]))}
                 mu, counts = signatures[layer]
                 sigma, counted = sa.signature_similarity(mu[:, expert], counts[:, expert])
-                consensus = sa.direction_consensus(sa.slice_gram(deltas))
+                if opts.direction_consensus:
+                    consensus = sa.direction_consensus(sa.slice_gram(deltas))
+                else:  # ablation: γ from the σ gate alone
+                    consensus = np.ones((len(n), len(n)))
                 tau = sa.threshold(sigma, counted, beta=opts.beta)
                 gamma = sa.gate_weights(
                     sigma, counted, consensus, tau,

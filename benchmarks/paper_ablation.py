@@ -59,12 +59,14 @@ SETTINGS: dict[str, list[str]] = {
     "align_om": [_LADDER, *_NO_MODULE_2, "train.routing_stats=after"],
     "align_om_alpha": [_LADDER, "strategy.fedalign.semantic=false", "train.routing_stats=after"],
     "fedalign_moe": [_LADDER, "train.routing_stats=after"],
+    "fedalign_no_d": [_LADDER, "strategy.fedalign.direction_consensus=false", "train.routing_stats=after"],
 }
 LABELS = {
     "fedavg": "FedAvg", "fedprox": "FedProx", "fedmoe": "FedMoE-style", "pfl_moe": "PFL-MoE-style",
     "align_uniform": "+ gating alignment, uniform weights", "align_o": "+ consistency weights, o only",
     "align_m": "+ consistency weights, m only", "align_om": "+ consistency weights, o·m",
     "align_om_alpha": "+ adaptive α", "fedalign_moe": "+ semantic aggregation (FedAlign-MoE)",
+    "fedalign_no_d": "FedAlign-MoE, γ without the direction consensus D",
 }
 
 

@@ -127,6 +127,7 @@ class FedAlignConfig(_Section):
     beta: float = Field(1.0, description="τ = M − β·Σ")
     gate: Literal["hard", "soft"] = "hard"
     soft_temperature: float = Field(0.05, gt=0)
+    direction_consensus: bool = Field(True, description="eq. 10's max(D, 0) factor in γ; false: the σ gate alone")
     expert_agg: Literal["global", "personalized"] = Field(
         "global", description="personalized: each client also keeps its γ-weighted view of every expert"
     )

@@ -367,6 +367,22 @@ class TestFailure:
         with pytest.raises(RuntimeError, match=r"before begin\(\)"):
             strategy.finish()
 
+    def test_without_direction_consensus_gamma_is_the_sigma_gate_alone(self):
+        # Prepare: same signatures, opposite expert-1 updates (D = −1 would zero γ_01)
+        layout = _layout()
+        (a1, b1) = layout.expert_span(0, 1)
+        d0, d1 = layout.zeros(), layout.zeros()
+        d0[a1:b1], d1[a1:b1] = 1.0, -3.0
+        readers = [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])]
+
+        # Execute
+        with_d = _run(FedAlignMoE(layout), layout.zeros(), readers)
+        without_d = _run(FedAlignMoE(layout, FedAlignOptions(direction_consensus=False)), layout.zeros(), readers)
+
+        # Assert: with D the expert keeps its value; without, π = n-share [1, 3]/4 merges it
+        np.testing.assert_array_equal(with_d.payload[a1:b1], 0.0)
+        np.testing.assert_allclose(without_d.payload[a1:b1], 0.25 * 1 + 0.75 * -3.0)
+
     def test_personalized_needs_semantic_aggregation(self):
         # Execute / Assert
         with pytest.raises(ValueError, match="expert_agg='personalized' needs strategy.semantic"):
