@@ -80,6 +80,12 @@ class WorkerPool:
         if not ready:
             remove_placement_group(self._pg)
             raise ConfigError(f"workers: {num_workers} bundles of {bundle} could not be placed within {ready_timeout_s:.0f} s")
+        # The engine recipe goes to the object store once and the pool keeps its reference for its whole
+        # life: a worker that Ray restarts re-runs its constructor and must find the argument again.
+        # Passed by value, a recipe over max_direct_call_object_size is stored as an object that Ray
+        # frees once the first construction is done (seen: "already deleted by the reference counting
+        # protocol" when a killed worker came back).
+        self._engine_factory = ray.put(engine_factory)
         self.workers = [
             ClientWorker.options(
                 num_cpus=cpus_per_worker,
@@ -91,7 +97,7 @@ class WorkerPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=i
                 ),
-            ).remote(engine_factory, i)
+            ).remote(self._engine_factory, i)
             for i in range(num_workers)
         ]
 
