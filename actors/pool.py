@@ -1,9 +1,13 @@
-"""A fixed pool of ClientWorker actors placed with a Ray placement group.
+"""A fixed pool of ClientWorker actors (or worker groups) placed with Ray placement groups.
 
 Hundreds of virtual clients share a few resident workers (an idle actor costs
 ~185 MB with torch imported, so never one actor per client). Each round the
 cohort is split into per-worker shards by longest-processing-time on the
 clients' example counts, so the slowest shard is as short as the data allow.
+
+With ``group_size`` set, each unit of the pool is a worker group
+(``actors.group``): G workers in a STRICT_PACK placement group that train each
+of the unit's clients together; the first rank's task returns the update.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.group import group_contexts
 from actors.worker import ClientWorker, Engine
 from aggregation.errors import ConfigError
 from aggregation.messages import ClientInstructions
@@ -59,15 +64,24 @@ def resolve_num_workers(requested: int, *, cpus_per_worker: float, gpus_per_work
 
 
 class WorkerPool:
-    """Creates the workers inside one placement group and dispatches clients to them."""
+    """Creates the workers inside placement groups and dispatches clients to them.
+
+    ``group_size`` None: ``num_workers`` independent workers in one PACK
+    placement group, each calling ``engine_factory()``. ``group_size`` G:
+    ``num_workers`` groups of G workers, each group in its own STRICT_PACK
+    placement group, each rank calling ``engine_factory(GroupContext)``. A
+    group's ranks depend on each other, so Ray does not restart them
+    (``max_restarts`` and ``max_task_retries`` apply to plain workers only).
+    """
 
     def __init__(
         self,
-        engine_factory: Callable[[], Engine],
+        engine_factory: Callable[..., Engine],
         *,
         num_workers: int,
         cpus_per_worker: float,
         gpus_per_worker: float,
+        group_size: int | None = None,
         max_restarts: int = 0,
         max_task_retries: int = 0,
         ready_timeout_s: float = 600.0,
@@ -75,31 +89,49 @@ class WorkerPool:
         bundle: dict[str, float] = {"CPU": cpus_per_worker}
         if gpus_per_worker > 0:
             bundle["GPU"] = gpus_per_worker
-        self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
-        ready, _ = ray.wait([self._pg.ready()], timeout=ready_timeout_s)
-        if not ready:
-            remove_placement_group(self._pg)
-            raise ConfigError(f"workers: {num_workers} bundles of {bundle} could not be placed within {ready_timeout_s:.0f} s")
+        if group_size is None:
+            self._pgs = [placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")]
+        else:
+            self._pgs = [placement_group([dict(bundle) for _ in range(group_size)], strategy="STRICT_PACK")
+                         for _ in range(num_workers)]
+        ready, _ = ray.wait([pg.ready() for pg in self._pgs], num_returns=len(self._pgs), timeout=ready_timeout_s)
+        if len(ready) < len(self._pgs):
+            for pg in self._pgs:
+                remove_placement_group(pg)
+            what = f"{num_workers} bundles" if group_size is None else f"{num_workers} groups of {group_size} bundles"
+            raise ConfigError(f"workers: {what} of {bundle} could not be placed within {ready_timeout_s:.0f} s")
         # The engine recipe goes to the object store once and the pool keeps its reference for its whole
         # life: a worker that Ray restarts re-runs its constructor and must find the argument again.
         # Passed by value, a recipe over max_direct_call_object_size is stored as an object that Ray
         # frees once the first construction is done (seen: "already deleted by the reference counting
         # protocol" when a killed worker came back).
         self._engine_factory = ray.put(engine_factory)
-        self.workers = [
-            ClientWorker.options(
-                num_cpus=cpus_per_worker,
-                num_gpus=gpus_per_worker,
-                # a dead worker process is restarted in its bundle and its client in flight retried;
-                # finished updates are task returns owned by the driver, so they outlive the worker
-                max_restarts=max_restarts,
-                max_task_retries=max_task_retries,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=i
-                ),
-            ).remote(self._engine_factory, i)
-            for i in range(num_workers)
-        ]
+        if group_size is None:
+            self.units = [
+                [self._worker(self._pgs[0], i, i, None, max_restarts, max_task_retries, cpus_per_worker, gpus_per_worker)]
+                for i in range(num_workers)
+            ]
+        else:
+            self.units = []
+            for g, pg in enumerate(self._pgs):
+                contexts = group_contexts(pg, group_size)
+                self.units.append([
+                    self._worker(pg, r, g * group_size + r, contexts[r], 0, 0, cpus_per_worker, gpus_per_worker)
+                    for r in range(group_size)
+                ])
+        self.workers = [unit[0] for unit in self.units]  # the ranks whose tasks return results
+
+    def _worker(self, pg: Any, bundle: int, index: int, context: Any, max_restarts: int, max_task_retries: int,
+                cpus: float, gpus: float) -> Any:
+        return ClientWorker.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            # a dead worker process is restarted in its bundle and its client in flight retried;
+            # finished updates are task returns owned by the driver, so they outlive the worker
+            max_restarts=max_restarts,
+            max_task_retries=max_task_retries,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle),
+        ).remote(self._engine_factory, index, context)
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -117,16 +149,17 @@ class WorkerPool:
         """Queue each client on a worker; return the update refs in cohort order."""
         refs: list[ray.ObjectRef | None] = [None] * len(instructions)
         for w, shard in enumerate(shard_by_size([len(ix) for ix in indices], len(self.workers))):
-            for pos in shard:
-                refs[pos] = self.workers[w].train.remote(indices[pos], payload_ref, instructions[pos])
+            for pos in shard:  # every rank of a group gets the same clients in the same order
+                unit_refs = [member.train.remote(indices[pos], payload_ref, instructions[pos]) for member in self.units[w]]
+                refs[pos] = unit_refs[0]
         return [r for r in refs if r is not None]
 
     def evaluate(self, payload_ref: ray.ObjectRef, chunks: Sequence[tuple[int, int]]) -> list[Any]:
         """Evaluate fixed test chunks spread over the workers; results in chunk order."""
-        n = len(self.workers)
+        n = len(self.units)
         parts = [list(chunks[w::n]) for w in range(n)]
-        refs = [self.workers[w].evaluate.remote(payload_ref, parts[w]) for w in range(n) if parts[w]]
-        results = ray.get(refs)
+        refs = [[m.evaluate.remote(payload_ref, parts[w]) for m in self.units[w]] for w in range(n) if parts[w]]
+        results = [ray.get(unit_refs)[0] for unit_refs in refs]  # all submitted already; rank 0's result
         out: list[Any] = [None] * len(chunks)
         for w, res in enumerate(results):
             for j, r in enumerate(res):
@@ -134,12 +167,14 @@ class WorkerPool:
         return out
 
     def memory(self) -> list[dict[str, float]]:
-        return ray.get([w.memory.remote() for w in self.workers])
+        return ray.get([m.memory.remote() for unit in self.units for m in unit])
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
-        remove_placement_group(self._pg)
+        for unit in self.units:
+            for member in unit:
+                ray.kill(member)
+        for pg in self._pgs:
+            remove_placement_group(pg)
 
 
 def count_finished(refs: Sequence[ray.ObjectRef], timeout_s: float = 0.0) -> int:

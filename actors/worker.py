@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import ray
 
+from actors.group import GroupContext
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
 from aggregation.payload import PayloadLayout
@@ -26,7 +27,7 @@ class Engine(Protocol):
     layout: PayloadLayout
     initial_payload: np.ndarray
 
-    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate: ...
+    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate | None: ...
 
     def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[Any]: ...
 
@@ -35,9 +36,9 @@ class Engine(Protocol):
 class ClientWorker:
     """Hosts one engine; trains clients sequentially, evaluates test chunks."""
 
-    def __init__(self, engine_factory: Callable[[], Engine], worker_index: int) -> None:
+    def __init__(self, engine_factory: Callable[..., Engine], worker_index: int, group: GroupContext | None = None) -> None:
         self.worker_index = worker_index
-        self.engine = engine_factory()
+        self.engine = engine_factory() if group is None else engine_factory(group)
 
     def describe(self) -> tuple[PayloadLayout, np.ndarray]:
         """The payload layout and the initial global payload (the base's fresh LoRA and router)."""
@@ -45,8 +46,8 @@ class ClientWorker:
 
     def train(
         self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions
-    ) -> ClientUpdate:
-        """Train one client; its ``ClientUpdate`` goes back as this task's return value.
+    ) -> ClientUpdate | None:
+        """Train one client; its ``ClientUpdate`` goes back as this task's return value (None from ranks > 0 of a group).
 
         Returned, not ``ray.put`` here: a task's return is owned by the caller
         and lives in the node's object store, so updates already finished

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,10 +85,12 @@ class TorchEngine:
             lora_attention=spec.lora.attention,
             lora_experts=spec.lora.experts,
             seed=spec.lora_seed,  # identical LoRA init on every worker
-        ).to(self.device)
+        )
         self.layout: PayloadLayout = build_layout(self.model)
         self.initial_payload = read_payload(self.model, self.layout)
+        self._place()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._prox_weights = [1.0] * len(self.trainable)
         self.train_split = EncodedSplit.load(spec.train_path)
         self.test_split = EncodedSplit.load(spec.test_path)
         self.label_token_ids = torch.tensor(spec.label_token_ids, dtype=torch.long, device=self.device)
@@ -123,7 +126,7 @@ class TorchEngine:
         )
 
     # -- client training -------------------------------------------------------------------------
-    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate:
+    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate | None:
         """Train client ``instructions.client_id`` on its rows ``indices`` starting from ``payload``."""
         cid, rnd = instructions.client_id, instructions.round_idx
         start = time.perf_counter()
@@ -140,15 +143,16 @@ class TorchEngine:
             if instructions.personal.shape != (b - a,):
                 raise ClientFailure(cid, rnd, f"personal experts have shape {instructions.personal.shape}, layout needs ({b - a},)")
             payload[a:b] = instructions.personal
-        write_payload(self.model, self.layout, payload)
+        self._load(payload)
         cfg = self.spec.train
         gen = torch.Generator().manual_seed(instructions.seed)
         torch.manual_seed(instructions.seed)  # dropout
-        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        step = self._optimizer()
         anchor = [p.detach().clone() for p in self.trainable] if instructions.prox_mu > 0 else None
 
         self.model.train()
         loss_sum, seen, steps = 0.0, 0, 0
+        self.step_losses: list[float] = []  # this client's mean loss per step, for equivalence checks
         n = len(indices)
         data = self.train_split.take(indices)  # this client's rows only, read once
         during = cfg.routing_stats == "during"
@@ -162,34 +166,35 @@ class TorchEngine:
                 for lo in range(0, n, cfg.batch_size):
                     if cfg.local_steps is not None and steps >= cfg.local_steps:
                         break
-                    ids, mask, pos, tok, label = self._tensors(data.rows(order[lo : lo + cfg.batch_size]))
+                    rows, share = self._my_rows(order[lo : lo + cfg.batch_size])
+                    ids, mask, pos, tok, label = self._tensors(data.rows(rows))
                     if recorder is not None:
                         recorder.set_mask(mask)
                     loss = self._loss(self._label_logits(ids, mask, pos), tok, label)
-                    total = loss
+                    total = loss * share
                     if regularise:
                         # FedAlign-MoE: L = L_task + λ·L_reg toward p_g (spec, Module 1 regularisation).
                         reg = routing_regulariser(recorder.probs, recorder.mask, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg)
                         total = total + instructions.reg_lambda * reg
                     if anchor is not None:
                         # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
-                        prox = sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, anchor, strict=True))
+                        prox = sum(w * ((p - a) ** 2).sum() for p, a, w in zip(self.trainable, anchor, self._prox_weights, strict=True))
                         total = total + 0.5 * instructions.prox_mu * prox
-                    optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
-                    optimizer.step()
-                    if not torch.isfinite(loss):
-                        raise ClientFailure(cid, rnd, f"training loss became {loss.item()} at step {steps}")
-                    loss_sum += loss.item() * len(ids)
-                    seen += len(ids)
+                    step(total)
+                    batch_loss, batch_seen = self._sum([loss.item() * len(ids) * (share > 0), len(ids) * (share > 0)])
+                    if not np.isfinite(batch_loss):
+                        raise ClientFailure(cid, rnd, f"training loss became {batch_loss / batch_seen} at step {steps}")
+                    loss_sum += batch_loss
+                    self.step_losses.append(batch_loss / batch_seen)
+                    seen += int(batch_seen)
                     steps += 1
-            routing = recorder.stats() if during else ()
+            routing = self._sum_stats(recorder.stats()) if during else ()
         if cfg.routing_stats == "after":
             routing = self._routing_stats(data)
 
-        delta = read_payload(self.model, self.layout)
+        delta = self._read()
+        if delta is None:  # a group member: the group's first rank returns the update
+            return None
         np.subtract(delta, payload, out=delta)
         if cid in faults.nan_clients and faulty_round:
             delta[:1] = np.nan  # injected fault (faults.nan_clients): one NaN poisons a plain average
@@ -230,22 +235,63 @@ class TorchEngine:
         bs = self.spec.train.batch_size * 2
         with RoutingRecorder(self.model) as recorder:
             for lo in range(0, len(data), bs):
-                ids, mask, _, _, _ = self._tensors(data.rows(np.arange(lo, min(lo + bs, len(data)))))
-                recorder.set_mask(mask)
+                rows, share = self._my_rows(np.arange(lo, min(lo + bs, len(data))))
+                ids, mask, _, _, _ = self._tensors(data.rows(rows))
+                recorder.set_mask(mask if share > 0 else torch.zeros_like(mask))  # a stand-in row counts nothing
                 self._body.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            return recorder.stats()
+            return self._sum_stats(recorder.stats())
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[EvalChunk]:
         """Loss and accuracy on test rows [lo, hi) of each chunk; accuracy by argmax over the label words."""
-        write_payload(self.model, self.layout, payload)
+        self._load(payload)
         self.model.eval()
         out = []
         for lo, hi in chunks:
-            ids, mask, pos, tok, label = self._tensors(self.test_split.take(np.arange(lo, hi)))
+            rows, share = self._my_rows(np.arange(lo, hi))
+            ids, mask, pos, tok, label = self._tensors(self.test_split.take(rows))
             logits = self._label_logits(ids, mask, pos)
             loss = self._loss(logits, tok, label, reduction="sum").item()
             pred = logits[:, self.label_token_ids].argmax(dim=-1)
-            out.append(EvalChunk(loss, int((pred == label).sum().item()), hi - lo))
+            loss, correct = self._sum([loss * (share > 0), float((pred == label).sum().item()) * (share > 0)])
+            out.append(EvalChunk(loss, int(correct), hi - lo))
         return out
+
+    # -- what a worker group (fedsim.engine.deepspeed_engine) does differently -----------------------
+    def _place(self) -> None:
+        """Move the adapted model to its device (the layout and initial payload are read before)."""
+        self.model.to(self.device)
+
+    def _load(self, payload: np.ndarray) -> None:
+        """Write the payload into the model's trainable slots."""
+        write_payload(self.model, self.layout, payload)
+
+    def _read(self) -> np.ndarray | None:
+        """The trainable slots as a payload buffer (None on a group member that does not report)."""
+        return read_payload(self.model, self.layout)
+
+    def _optimizer(self) -> Callable[[torch.Tensor], None]:
+        """A fresh optimiser for one client; the returned step takes the loss and updates the slots."""
+        cfg = self.spec.train
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def step(total: torch.Tensor) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+            optimizer.step()
+
+        return step
+
+    def _my_rows(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """This process's rows of a batch, and the factor that makes its mean loss a share of the batch's."""
+        return rows, 1.0
+
+    def _sum(self, values: list[float]) -> list[float]:
+        """Sums over the processes that share a client (one here)."""
+        return values
+
+    def _sum_stats(self, stats: tuple[RoutingStats, ...]) -> tuple[RoutingStats, ...]:
+        return stats
