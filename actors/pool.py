@@ -41,26 +41,46 @@ def shard_by_size(sizes: Sequence[int], num_workers: int) -> list[list[int]]:
     return shards
 
 
-def resolve_num_workers(requested: int, *, cpus_per_worker: float, gpus_per_worker: float, reserve_cpus: float = 0.0) -> int:
-    """Workers that fit the cluster's resources; raise ConfigError naming the numbers if they do not."""
+def resolve_num_workers(
+    requested: int, *, cpus_per_worker: float, gpus_per_worker: float, group_size: int | None = None,
+    reserve_cpus: float = 0.0,
+) -> int:
+    """Workers (or worker groups) that fit the cluster; raise ConfigError naming the numbers if they do not.
+
+    Checked before any actor starts. A group's G workers must share one node
+    (STRICT_PACK), so groups are counted node by node.
+    """
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0) - reserve_cpus, total.get("GPU", 0.0)
-    fit = int(cpus // cpus_per_worker)
-    if gpus_per_worker > 0:
-        fit = min(fit, int(round(gpus / gpus_per_worker, 6)))
+    if group_size is None:
+        fit = _fit(cpus, gpus, cpus_per_worker, gpus_per_worker)
+        unit = f"workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU)"
+    else:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fit = sum(_fit(n.get("CPU", 0.0), n.get("GPU", 0.0), cpus_per_worker * group_size, gpus_per_worker * group_size)
+                  for n in nodes)
+        fit = min(fit, _fit(cpus, gpus, cpus_per_worker * group_size, gpus_per_worker * group_size))
+        unit = f"groups × {group_size} workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU) on one node"
     if requested == 0:
         if fit < 1:
             raise ConfigError(
-                f"workers: no worker fits: {cpus:g} CPUs / {gpus:g} GPUs available, "
-                f"each worker asks {cpus_per_worker:g} CPUs / {gpus_per_worker:g} GPUs"
+                f"workers: no {'worker' if group_size is None else 'group'} fits: {cpus:g} CPUs / {gpus:g} GPUs "
+                f"available, asked: 1 of {unit}"
             )
         return fit
     if requested > fit:
         raise ConfigError(
-            f"workers.num_workers: {requested} workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU) "
-            f"do not fit {cpus:g} CPUs / {gpus:g} GPUs; at most {fit}"
+            f"workers.num_workers: {requested} {unit} do not fit {cpus:g} CPUs / {gpus:g} GPUs; at most {fit}"
         )
     return requested
+
+
+def _fit(cpus: float, gpus: float, cpus_each: float, gpus_each: float) -> int:
+    """How many units of (cpus_each, gpus_each) fit in (cpus, gpus)."""
+    fit = int(round(cpus / cpus_each, 6))
+    if gpus_each > 0:
+        fit = min(fit, int(round(gpus / gpus_each, 6)))
+    return max(fit, 0)
 
 
 class WorkerPool:

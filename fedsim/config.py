@@ -194,6 +194,24 @@ class WorkersConfig(_Section):
     )
 
 
+class EngineConfig(_Section):
+    """How a client is trained: one process (torch) or a worker group with experts sharded (deepspeed)."""
+
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: HF + peft in one worker; deepspeed: experts sharded over a group of workers"
+    )
+    group_size: int = Field(1, ge=1, description="deepspeed: workers per group = expert-parallel size G")
+    zero_stage: int = Field(0, ge=0, le=2, description="deepspeed: ZeRO stage 0-2 (3 does not support MoE)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="deepspeed: auto is bf16 on GPUs, fp32 on CPU")
+    profile_alltoall: bool = Field(False, description="deepspeed: time the all-to-all exchanges (synchronises)")
+
+    @model_validator(mode="after")
+    def _torch_options(self) -> EngineConfig:
+        if self.backend == "torch" and self.group_size != 1:
+            raise ValueError("group_size > 1 needs backend 'deepspeed'")
+        return self
+
+
 class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -264,6 +282,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     workers: WorkersConfig = WorkersConfig()
+    engine: EngineConfig = EngineConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -276,6 +295,18 @@ class RunConfig(_Section):
             raise ValueError(
                 f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
             )
+        if self.engine.backend == "deepspeed":
+            if self.model.pretrained is None and self.model.num_experts % self.engine.group_size:
+                raise ValueError(
+                    f"engine.group_size={self.engine.group_size} does not divide model.num_experts={self.model.num_experts}"
+                )
+            if not self.lora.experts:
+                raise ValueError("engine.backend='deepspeed' shards the experts' LoRA: it needs lora.experts=true")
+            gpus = self.workers.gpus_per_worker
+            if gpus and gpus != int(gpus):
+                raise ValueError(f"engine.backend='deepspeed' needs whole GPUs per worker (NCCL), got workers.gpus_per_worker={gpus}")
+            if self.engine.precision == "bf16" and not gpus:
+                raise ValueError("engine.precision='bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
         if self.train.routing_stats == "off" and self.strategy.needs_routing_stats():
             raise ValueError(f"train.routing_stats='off', but strategy.name={self.strategy.name!r} reads routing statistics")
         return self

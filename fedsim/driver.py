@@ -234,7 +234,10 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
 
 def _num_workers(cfg: RunConfig) -> int:
     w = cfg.workers
-    return resolve_num_workers(w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker)
+    group_size = cfg.engine.group_size if cfg.engine.backend == "deepspeed" else None
+    return resolve_num_workers(
+        w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker, group_size=group_size
+    )
 
 
 def _execute(
@@ -278,8 +281,8 @@ def _execute(
 
 
 def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
-    w = cfg.workers
-    spec = TorchEngineSpec(
+    w, engine = cfg.workers, cfg.engine
+    common = dict(
         base_path=prepared.base_path,
         train_path=prepared.train_path,
         test_path=prepared.test_path,
@@ -292,11 +295,20 @@ def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
         faults=cfg.faults,
         compression=cfg.compression,
     )
-    log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
-    return WorkerPool(
-        spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
-        max_restarts=w.max_restarts, max_task_retries=w.max_task_retries,
-    )
+    restarts = dict(max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
+    if engine.backend == "torch":
+        log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
+        return WorkerPool(TorchEngineSpec(**common), num_workers=n, cpus_per_worker=w.cpus_per_worker,  # type: ignore[arg-type]
+                          gpus_per_worker=w.gpus_per_worker, **restarts)
+    from fedsim.engine.deepspeed_engine import DeepSpeedEngineSpec  # deepspeed is imported only when used
+
+    precision = engine.precision if engine.precision != "auto" else ("bf16" if w.gpus_per_worker > 0 else "fp32")
+    spec = DeepSpeedEngineSpec(**common, zero_stage=engine.zero_stage, precision=precision,  # type: ignore[arg-type]
+                               profile_alltoall=engine.profile_alltoall)
+    log.info("starting %d deepspeed groups of %d workers (%g CPU, %g GPU each; ZeRO %d, %s)", n, engine.group_size,
+             w.cpus_per_worker, w.gpus_per_worker, engine.zero_stage, precision)
+    return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
+                      group_size=engine.group_size)
 
 
 def _loop(

@@ -18,11 +18,12 @@ ranks differ, which is what the overrides below do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import deepspeed
 import numpy as np
@@ -32,7 +33,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 
 from actors.group import GroupContext
 from aggregation.routing_stats import RoutingStats
-from fedsim.engine.expert_parallel import ExpertParallelExperts, ExpertShard, shard_experts
+from fedsim.engine.expert_parallel import ExpertShard, shard_experts
 from fedsim.engine.torch_engine import TorchEngine, TorchEngineSpec
 
 
@@ -42,6 +43,7 @@ class DeepSpeedEngineSpec(TorchEngineSpec):
 
     zero_stage: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    profile_alltoall: bool = False
     timeout_s: float = 600.0
 
     def __call__(self, group: GroupContext | None = None) -> DeepSpeedEngine:  # type: ignore[override]
@@ -161,14 +163,23 @@ class DeepSpeedEngine(TorchEngine):
             at += 1 + 3 * e + e * h
         return tuple(out)
 
-    def alltoall_seconds(self) -> float:
-        """Seconds spent in the MoE layers' all-to-all exchanges since the last call (needs profiling on)."""
-        total = 0.0
-        for module in self.model.modules():
-            if isinstance(module, ExpertParallelExperts):
-                layer = module.moe.deepspeed_moe
-                total += layer.time_falltoall + layer.time_salltoall
-        return total / 1000.0
+    def _profiled(self) -> contextlib.AbstractContextManager[Any]:
+        """With ``profile_alltoall``, the torch profiler records the collectives of the client's steps."""
+        if not self.spec.profile_alltoall:
+            return contextlib.nullcontext()
+        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    def _profile_metrics(self, profile: Any) -> dict[str, tuple[float, float]]:
+        """Seconds this rank spent in all-to-all exchanges (forward and backward) during the client's steps."""
+        if profile is None:
+            return {}
+        micros = sum(e.cpu_time_total for e in profile.key_averages() if _is_alltoall(e.key))
+        return {"alltoall_seconds": (micros / 1e6, 1.0)}
+
+
+def _is_alltoall(name: str) -> bool:
+    """The backend's own all-to-all work ("gloo:all_to_all"), not the autograd or dispatch events around it."""
+    return name.endswith(":all_to_all")
 
 
 def _join(group: GroupContext, *, backend: str, timeout_s: float) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,7 +161,7 @@ class TorchEngine:
         if regularise:
             p_g, alpha = self._reg_targets(instructions)
         hooks = RoutingRecorder(self.model, keep_probs=regularise, collect_stats=during) if during or regularise else None
-        with hooks if hooks is not None else contextlib.nullcontext() as recorder:
+        with hooks if hooks is not None else contextlib.nullcontext() as recorder, self._profiled() as profile:
             for _ in range(cfg.local_epochs):
                 order = torch.randperm(n, generator=gen).numpy()
                 for lo in range(0, n, cfg.batch_size):
@@ -200,7 +201,7 @@ class TorchEngine:
             delta[:1] = np.nan  # injected fault (faults.nan_clients): one NaN poisons a plain average
         up = self.layout.class_bytes()
         down = dict(up)
-        metrics = {"train_loss": (loss_sum, float(seen))}
+        metrics = {"train_loss": (loss_sum, float(seen)), **self._profile_metrics(profile)}
         residual = None
         comp = self.spec.compression
         if comp.uplink != "none":  # what the server receives is what it would decode
@@ -284,6 +285,13 @@ class TorchEngine:
             optimizer.step()
 
         return step
+
+    def _profiled(self) -> contextlib.AbstractContextManager[Any]:
+        """A context around the training steps whose result ``_profile_metrics`` reads (nothing here)."""
+        return contextlib.nullcontext()
+
+    def _profile_metrics(self, profile: Any) -> dict[str, tuple[float, float]]:
+        return {}
 
     def _my_rows(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         """This process's rows of a batch, and the factor that makes its mean loss a share of the batch's."""

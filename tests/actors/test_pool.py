@@ -30,3 +30,12 @@ def test_resolve_num_workers_rejects_what_does_not_fit(ray_session) -> None:  # 
         resolve_num_workers(3, cpus_per_worker=1, gpus_per_worker=0)
     with pytest.raises(ConfigError, match="no worker fits"):
         resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=1)
+
+
+def test_resolve_num_workers_counts_groups_per_node(ray_session) -> None:  # type: ignore[no-untyped-def]
+    # one node with 2 CPUs: one group of two 1-CPU workers fits, two do not
+    assert resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=0, group_size=2) == 1
+    with pytest.raises(ConfigError, match="2 groups × 2 workers"):
+        resolve_num_workers(2, cpus_per_worker=1, gpus_per_worker=0, group_size=2)
+    with pytest.raises(ConfigError, match="no group fits"):
+        resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=1, group_size=4)

@@ -102,3 +102,25 @@ def test_a_missing_profiles_file_names_the_field(tmp_path: Path) -> None:
     cfg = load_config(None, [f"system.profiles={tmp_path / 'nope.csv'}"])
     with pytest.raises(ConfigError, match="^system.profiles: file not found"):
         build_profiles(cfg.system, 4, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["engine.group_size=2"], "group_size > 1 needs backend 'deepspeed'"),
+        (["engine.backend=deepspeed", "engine.group_size=3"], "engine.group_size=3 does not divide model.num_experts=8"),
+        (["engine.backend=deepspeed", "lora.experts=false"], "needs lora.experts=true"),
+        (["engine.backend=deepspeed", "workers.gpus_per_worker=0.5"], "whole GPUs per worker"),
+        (["engine.backend=deepspeed", "engine.precision=bf16"], "engine.precision='bf16' needs GPUs"),
+        (["engine.backend=deepspeed", "engine.zero_stage=3"], "engine.zero_stage"),
+        (["engine.backend=megatron"], "engine.backend"),
+    ],
+)
+def test_engine_options_that_cannot_run_are_rejected(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_deepspeed_engine_options_load() -> None:
+    cfg = load_config(None, ["engine.backend=deepspeed", "engine.group_size=4", "engine.zero_stage=2"])
+    assert (cfg.engine.backend, cfg.engine.group_size, cfg.engine.zero_stage, cfg.engine.precision) == ("deepspeed", 4, 2, "auto")
