@@ -260,7 +260,7 @@ def _execute(
     try:
         for cb in cbs:
             cb.on_run_begin(run_dir=run_dir, total_rounds=cfg.rounds)
-        pool = _make_pool(cfg, prepared, num_workers)
+        pool = make_pool(cfg, prepared, num_workers)
         _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
         status = "completed"
     except Exception as exc:
@@ -280,7 +280,8 @@ def _execute(
     return RunResult(run_dir, table.rounds_frame(), table.clients_frame(), table.comm_frame())
 
 
-def _make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
+def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
+    """The run's worker pool: n torch workers, or n deepspeed groups of engine.group_size workers."""
     w, engine = cfg.workers, cfg.engine
     common = dict(
         base_path=prepared.base_path,

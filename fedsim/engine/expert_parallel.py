@@ -49,8 +49,11 @@ class SwiGLUExpert(nn.Module):
         self.act_fn = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act_fn(gate) * up)
+        # DeepSpeed hands each expert a strided [ep, 1, capacity, H] slice; on it the Linears would
+        # fall back to batched matmuls over a broadcast weight (1.5x slower here), on 2-D rows to one mm.
+        rows = x.reshape(-1, x.shape[-1])
+        gate, up = self.gate_up(rows).chunk(2, dim=-1)
+        return self.down(self.act_fn(gate) * up).view(*x.shape[:-1], -1)
 
 
 class ReplayedGate(nn.Module):
