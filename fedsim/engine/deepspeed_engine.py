@@ -60,7 +60,7 @@ class DeepSpeedEngine(TorchEngine):
         on_gpu = spec.device.startswith("cuda")
         if on_gpu:
             spec = replace(spec, device="cuda:0")  # Ray shows each rank its own GPU as device 0
-        _join(group, backend="nccl" if on_gpu else "gloo", timeout_s=spec.timeout_s)
+        join_group(group, backend="nccl" if on_gpu else "gloo", timeout_s=spec.timeout_s)
         self.shard: ExpertShard | None = None
         super().__init__(spec)  # builds the HF + peft model and its layout, then calls _place
         self._prox_weights = [float(group.size) if is_moe_param(p) else 1.0 for p in self.trainable]
@@ -182,7 +182,7 @@ def _is_alltoall(name: str) -> bool:
     return name.endswith(":all_to_all")
 
 
-def _join(group: GroupContext, *, backend: str, timeout_s: float) -> None:
+def join_group(group: GroupContext, *, backend: str, timeout_s: float) -> None:
     """Bind this process into its group's torch.distributed world (once per process)."""
     if dist.is_initialized():
         return

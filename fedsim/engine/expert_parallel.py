@@ -68,6 +68,7 @@ class ReplayedGate(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.ep_group: Any = None
+        self.last_capacity = 0  # rows each expert computed in the latest pass (padding included)
         self._routes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _set_ep_group(self, ep_group: Any) -> None:
@@ -91,8 +92,9 @@ class ReplayedGate(nn.Module):
             torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
         slot = torch.cumsum(chosen, dim=0) - 1  # each token's place in its experts' queues
         locations = slot.gather(1, index.long())
+        self.last_capacity = int(capacity.item())
         no_aux_loss = tokens.new_zeros((), dtype=torch.float32)
-        return (no_aux_loss, int(capacity.item()), self.num_experts, index.t().to(torch.int32).contiguous(),
+        return (no_aux_loss, self.last_capacity, self.num_experts, index.t().to(torch.int32).contiguous(),
                 locations.t().to(torch.int32).contiguous(), weights.t().float().contiguous(), counts)
 
 
