@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/aggregate.py --quick
+	$(BIN)/python benchmarks/engine_compare.py --quick
 	$(BIN)/python benchmarks/demo_task.py --quick
 	$(BIN)/python benchmarks/paper_ablation.py --quick
 
