@@ -87,7 +87,8 @@ class WorkerPool:
     """Creates the workers inside placement groups and dispatches clients to them.
 
     ``group_size`` None: ``num_workers`` independent workers in one PACK
-    placement group, each calling ``engine_factory()``. ``group_size`` G:
+    (or, with ``spread``, SPREAD: over as many nodes as possible) placement
+    group, each calling ``engine_factory()``. ``group_size`` G:
     ``num_workers`` groups of G workers, each group in its own STRICT_PACK
     placement group, each rank calling ``engine_factory(GroupContext)``. A
     group's ranks depend on each other, so Ray does not restart them
@@ -102,6 +103,7 @@ class WorkerPool:
         cpus_per_worker: float,
         gpus_per_worker: float,
         group_size: int | None = None,
+        spread: bool = False,
         max_restarts: int = 0,
         max_task_retries: int = 0,
         ready_timeout_s: float = 600.0,
@@ -110,7 +112,8 @@ class WorkerPool:
         if gpus_per_worker > 0:
             bundle["GPU"] = gpus_per_worker
         if group_size is None:
-            self._pgs = [placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")]
+            strategy = "SPREAD" if spread else "PACK"
+            self._pgs = [placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)]
         else:
             self._pgs = [placement_group([dict(bundle) for _ in range(group_size)], strategy="STRICT_PACK")
                          for _ in range(num_workers)]
@@ -185,6 +188,11 @@ class WorkerPool:
             for j, r in enumerate(res):
                 out[w + j * n] = r
         return out
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where each worker runs: unit (worker or group), rank in it, node id and address, process id."""
+        refs = [[m.where.remote() for m in unit] for unit in self.units]
+        return [{"unit": u, "rank": r, **info} for u, unit_refs in enumerate(refs) for r, info in enumerate(ray.get(unit_refs))]
 
     def memory(self) -> list[dict[str, float]]:
         return ray.get([m.memory.remote() for unit in self.units for m in unit])

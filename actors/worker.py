@@ -69,3 +69,8 @@ class ClientWorker:
     def memory(self) -> dict[str, float]:
         """Process id and peak resident memory (MiB) of this worker."""
         return {"pid": os.getpid(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def where(self) -> dict[str, Any]:
+        """The node and process this worker runs in."""
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}

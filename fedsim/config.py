@@ -185,6 +185,9 @@ class WorkersConfig(_Section):
     num_workers: int = Field(0, ge=0, description="0: as many as the CPUs (or GPUs) allow")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="fractional values pack workers on one GPU")
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="plain workers: packed onto few nodes, or spread over as many nodes as possible"
+    )
     ray_address: str | None = Field(None, description="None starts an embedded local Ray")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
     max_restarts: int = Field(2, ge=0, description="times Ray restarts a worker process that died")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import ray
 import yaml
 
@@ -261,6 +262,9 @@ def _execute(
         for cb in cbs:
             cb.on_run_begin(run_dir=run_dir, total_rounds=cfg.rounds)
         pool = make_pool(cfg, prepared, num_workers)
+        placement = pd.DataFrame(pool.placement())
+        placement.to_csv(run_dir / "placement.csv", index=False)
+        log.info("%d workers on %d node(s)", len(placement), placement["node_id"].nunique())
         _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
         status = "completed"
     except Exception as exc:
@@ -300,7 +304,7 @@ def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
     if engine.backend == "torch":
         log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
         return WorkerPool(TorchEngineSpec(**common), num_workers=n, cpus_per_worker=w.cpus_per_worker,  # type: ignore[arg-type]
-                          gpus_per_worker=w.gpus_per_worker, **restarts)
+                          gpus_per_worker=w.gpus_per_worker, spread=w.placement == "spread", **restarts)
     from fedsim.engine.deepspeed_engine import DeepSpeedEngineSpec  # deepspeed is imported only when used
 
     precision = engine.precision if engine.precision != "auto" else ("bf16" if w.gpus_per_worker > 0 else "fp32")
