@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-flower clean
 
 setup: $(STAMP)
 
@@ -38,5 +38,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_task.py --quick
 	$(BIN)/python benchmarks/paper_ablation.py --quick
 
+# fedsim vs Flower's simulation engine; Flower pins its own ray, so it gets its own venv (needs PyPI once).
+FLOWER_STAMP := .venv-flower/.installed
+$(FLOWER_STAMP): benchmarks/flower/requirements.txt
+	test -x .venv-flower/bin/python || $(PYTHON) -m venv .venv-flower
+	.venv-flower/bin/pip install -q torch==2.13.0
+	.venv-flower/bin/pip install -q -r benchmarks/flower/requirements.txt
+	touch $(FLOWER_STAMP)
+
+bench-flower: $(STAMP) $(FLOWER_STAMP)
+	$(BIN)/python benchmarks/vs_flower.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .cache runs benchmarks/results
+	rm -rf $(VENV) .venv-flower .cache runs benchmarks/results
