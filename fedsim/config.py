@@ -265,6 +265,10 @@ class SystemConfig(_Section):
         return self
 
 
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(False, description="TensorBoard scalars under RUN_DIR/tensorboard (needs the extra)")
+
+
 class CheckpointConfig(_Section):
     """Run state written after every ``every`` rounds (and the last) for ``fedsim resume``."""
 
@@ -289,6 +293,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
     compression: CompressionConfig = CompressionConfig()
     system: SystemConfig = SystemConfig()
 

@@ -34,6 +34,7 @@ from aggregation.virtual_clock import DeviceProfile, RoundClock, available, over
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.callbacks.metrics_table import MetricsTable
 from fedsim.callbacks.progress import Progress
+from fedsim.callbacks.tensorboard import TensorBoardScalars, require_tensorboard
 from fedsim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedsim.config import RunConfig, load_config
 from fedsim.engine.torch_engine import TorchEngineSpec
@@ -168,6 +169,8 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     for k, v in HF_ENV.items():
         os.environ.setdefault(k, v)
     quiet_libraries()
+    if cfg.logging.tensorboard:
+        require_tensorboard()  # a missing extra fails before any work
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
     profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # so does a bad profiles file
     started_ray = start_ray(cfg)
@@ -256,6 +259,8 @@ def _execute(
     """The rounds of a run (from its checkpoint when given), with status, callbacks and clean-up."""
     _write_status(run_dir, "running")
     cbs: list[Callback] = [table, Progress(enabled=cfg.progress), *(callbacks or [])]
+    if cfg.logging.tensorboard:
+        cbs.append(TensorBoardScalars())
     pool: WorkerPool | None = None
     status = "failed"
     try:

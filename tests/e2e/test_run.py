@@ -230,3 +230,18 @@ def test_over_selection_keeps_the_first_k_to_finish(ray_session, tiny_config, tm
     assert len(clients) == 6 and (~clients["straggler"]).sum() == 4
     fastest = set(clients.sort_values(["sim_duration_s", "client"])["client"].head(4))
     assert set(clients[~clients["straggler"]]["client"]) == fastest
+
+
+def test_run_writes_tensorboard_scalars(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Execute
+    result = run(tiny_config("logging.tensorboard=true"), out=tmp_path / "run")
+    # Assert: the rounds table's numbers, per round, and accuracy against simulated time and bytes
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"round/test_accuracy", "round/train_loss", "round/bytes_up", "vs_bytes_kib/test_accuracy"} <= tags
+    loss = [e.value for e in events.Scalars("round/train_loss")]
+    assert [e.step for e in events.Scalars("round/train_loss")] == [1, 2]
+    assert loss == pytest.approx(result.rounds["train_loss"].tolist(), rel=1e-6)

@@ -124,3 +124,14 @@ def test_engine_options_that_cannot_run_are_rejected(overrides: list[str], messa
 def test_deepspeed_engine_options_load() -> None:
     cfg = load_config(None, ["engine.backend=deepspeed", "engine.group_size=4", "engine.zero_stage=2"])
     assert (cfg.engine.backend, cfg.engine.group_size, cfg.engine.zero_stage, cfg.engine.precision) == ("deepspeed", 4, 2, "auto")
+
+
+def test_tensorboard_without_its_package_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from fedsim.callbacks.tensorboard import require_tensorboard
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"logging.tensorboard: .*fedsim\[tensorboard\]"):
+        require_tensorboard()
