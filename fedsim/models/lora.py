@@ -17,6 +17,8 @@ The payload layout (``fedsim.models.layout``) splits both along these axes.
 
 from __future__ import annotations
 
+from functools import reduce
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
@@ -72,12 +74,14 @@ def apply_lora(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,  # set per attention adapter below; ParamWrapper rejects any other value
-        target_modules=list(spec.lora_modules) if lora_attention else None,
+        target_modules=list(spec.attention_projections) if lora_attention else None,
         target_parameters=list(spec.target_parameters) if lora_experts else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+        if lora_attention:
+            _adapt_shared_experts(peft_model, config)
     if dropout > 0.0:
         for module in peft_model.modules():
             if isinstance(module, LoraLinear):
@@ -87,3 +91,23 @@ def apply_lora(
         for param in router.parameters():
             param.requires_grad_(True)
     return peft_model
+
+
+def _adapt_shared_experts(peft_model: PeftModel, config: LoraConfig) -> None:
+    """LoRA on every shared-expert projection, with peft's own LoRA ``Linear`` under the same adapter.
+
+    Not through ``target_modules``: for model types whose experts
+    transformers 5 fused (DeepSeek-V3 among them) peft rewrites every target
+    named ``*.gate_proj``/``up_proj``/``down_proj`` into the fused experts'
+    parameters (and doubles their rank), so a shared expert's projections
+    would silently stay frozen.
+    """
+    spec = family_of(peft_model)
+    adapter = peft_model.active_adapter
+    for block in spec.moe_blocks(peft_model):
+        for path in spec.shared_projections:
+            *parents, name = path.split(".")
+            parent = reduce(getattr, parents, block)
+            target = getattr(parent, name)
+            if isinstance(target, nn.Linear) and not isinstance(target, LoraLinear):
+                setattr(parent, name, LoraLinear(target, adapter, config=config, r=config.r, lora_alpha=config.lora_alpha))

@@ -17,9 +17,11 @@ Every family here (transformers 5.17–5.22) keeps, in every MoE decoder layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
@@ -27,6 +29,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    DeepseekV3Config,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
@@ -68,8 +71,15 @@ class FamilySpec:
         projections: LoRA adapts them too, and the payload layout files them
         under ``shared`` (averaged by n, never merged per expert).
     fixed_config : tuple of (str, object)
-        Config values every model of the family is built with, e.g. the
-        shared expert's width or token ids that must fit a small vocabulary.
+        Config values every model of the family is built with, e.g. token
+        ids that must fit a small vocabulary.
+    derived_config : callable or None
+        Config values a built model derives from the generic options (e.g.
+        a shared expert as wide as a routed one, attention head dimensions).
+    router_scores : {"softmax", "sigmoid"}
+        How the router turns logits into expert scores: the routing
+        distribution p(x) is the softmax, or the sigmoid scores normalised to
+        sum to one (DeepSeek-V3 routes on sigmoid scores).
     """
 
     model_type: str
@@ -84,11 +94,8 @@ class FamilySpec:
     expert_intermediate_key: str
     shared_projections: tuple[str, ...] = ()
     fixed_config: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def lora_modules(self) -> tuple[str, ...]:
-        """Module-name suffixes for peft's ``target_modules``: attention, and shared experts if any."""
-        return self.attention_projections + tuple(f"{self.moe_block}.{p}" for p in self.shared_projections)
+    derived_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    router_scores: Literal["softmax", "sigmoid"] = "softmax"
 
     @property
     def target_parameters(self) -> tuple[str, ...]:
@@ -126,14 +133,36 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FUSED = ("gate_up_proj", "down_proj")
 
 def _fused_family(model_type: str, config_class: type[PretrainedConfig], num_experts_key: str, expert_intermediate_key: str,
-                  **extra: object) -> FamilySpec:
+                  *, attention: tuple[str, ...] = _ATTENTION, **extra: Any) -> FamilySpec:
     """A family laid out as the module docstring describes (every family here)."""
     return FamilySpec(
         model_type=model_type, config_class=config_class, layers="model.layers", moe_block="mlp", router="gate",
-        experts="experts", expert_parameters=_FUSED, attention_projections=_ATTENTION,
-        num_experts_key=num_experts_key, expert_intermediate_key=expert_intermediate_key, **extra,  # type: ignore[arg-type]
+        experts="experts", expert_parameters=_FUSED, attention_projections=attention,
+        num_experts_key=num_experts_key, expert_intermediate_key=expert_intermediate_key, **extra,
     )
 
+
+def _shared_expert_width(options: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-MoE: the always-on shared expert as wide as a routed one."""
+    return {"shared_expert_intermediate_size": options["intermediate_size"]}
+
+
+def _deepseek_small(options: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 built from the generic options: multi-head latent attention sized from the head width
+    (its keys and values have one head per query head, so ``num_kv_heads`` does not apply), one shared expert
+    as wide as a routed one, every layer MoE, one routing group."""
+    head = options["hidden_size"] // options["num_attention_heads"]
+    rope = max(2, (head // 2) // 2 * 2)  # even, for the rotary embedding
+    return {
+        "q_lora_rank": None, "kv_lora_rank": max(4, options["hidden_size"] // 2), "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": max(2, head - rope), "v_head_dim": head, "n_shared_experts": 1,
+        "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+        "num_key_value_heads": options["num_attention_heads"],
+    }
+
+
+# DeepSeek-V3's multi-head latent attention: q_proj (or q_a/q_b with a query LoRA rank), kv_a/kv_b, o_proj
+_MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 FAMILIES: dict[str, FamilySpec] = {
     "mixtral": _fused_family("mixtral", MixtralConfig, "num_local_experts", "intermediate_size"),
@@ -145,6 +174,13 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2_moe": _fused_family(
         "qwen2_moe", Qwen2MoeConfig, "num_experts", "moe_intermediate_size",
         shared_projections=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
+        derived_config=_shared_expert_width,
+    ),
+    "deepseek_v3": _fused_family(
+        "deepseek_v3", DeepseekV3Config, "n_routed_experts", "moe_intermediate_size", attention=_MLA,
+        shared_projections=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
+        fixed_config=(("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", None)),
+        derived_config=_deepseek_small, router_scores="sigmoid",
     ),
 }
 
@@ -209,8 +245,8 @@ def build_model(
         spec.expert_intermediate_key: intermediate_size,
         **dict(spec.fixed_config),
     }
-    if spec.shared_projections:  # the shared expert as wide as a routed one
-        options["shared_expert_intermediate_size"] = intermediate_size
+    if spec.derived_config is not None:
+        options.update(spec.derived_config(options))
     config = spec.config_class(**options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -5,10 +5,14 @@ module (found through the family spec) sees the router's input x [tokens, H]
 and its logits (the router's output, or its first element when the router
 returns ``(logits, top-k weights, top-k indices)`` as in transformers 5.x),
 so no model code is patched and any forward pass (training, evaluation,
-``generate``) can be observed.
+``generate``) can be observed. K(x) is the set of experts the router chose
+(its top-k indices when it returns them, else the top-k of p(x)), so a
+router that selects on other scores (DeepSeek-V3: sigmoid scores plus a bias,
+within groups) is observed as it routes.
 
 Statistics (spec ../shared/spec/fedalign_moe.md, "What a client computes and
-uploads"), over the non-padding tokens only, with p(x) = softmax(W_g x):
+uploads"), over the non-padding tokens only, with p(x) = softmax(W_g x) (for
+a sigmoid router, its sigmoid scores normalised to sum to one):
 
 - p_sum(e)      = Σ_x p_e(x)
 - counts(e)     = #{x : e ∈ K(x)},                      K(x) = top-k of p(x)
@@ -90,6 +94,7 @@ class RoutingRecorder:
         spec = family_of(model)
         config: Any = model.config
         self._routers = spec.routers(model)
+        self._scores = spec.router_scores
         self._top_k = spec.top_k(config)
         self._num_experts = spec.num_experts(config)
         self._hidden_size = int(config.hidden_size)
@@ -127,7 +132,8 @@ class RoutingRecorder:
     def _hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             logits = output[0] if isinstance(output, tuple) else output
-            probs = torch.softmax(logits.float(), dim=-1)  # as the routers do: top-k is taken on float32 p
+            probs = routing_probabilities(logits, self._scores)
+            chosen = output[2] if isinstance(output, tuple) and len(output) >= 3 else None
             if self._keep_probs:
                 if layer == 0:
                     self.probs = []
@@ -135,12 +141,13 @@ class RoutingRecorder:
             if self._collect_stats:
                 hidden = args[0]
                 with torch.no_grad():
-                    self._accumulate(layer, hidden.reshape(-1, hidden.shape[-1]), probs.detach())
+                    self._accumulate(layer, hidden.reshape(-1, hidden.shape[-1]), probs.detach(), chosen)
 
         return hook
 
-    def _accumulate(self, layer: int, x: torch.Tensor, p: torch.Tensor) -> None:
-        """Add one batch's tokens x [tokens, H] with probabilities p [tokens, E] to layer ``layer``'s sums."""
+    def _accumulate(self, layer: int, x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor | None) -> None:
+        """Add one batch's tokens x [tokens, H] with probabilities p [tokens, E] and the router's choices
+        [tokens, k] (None: the top-k of p) to layer ``layer``'s sums."""
         if self.mask is not None:
             if self.mask.numel() != x.shape[0]:
                 raise ValueError(
@@ -148,7 +155,10 @@ class RoutingRecorder:
                     f"the router saw {x.shape[0]}; call set_mask for each batch"
                 )
             x, p = x[self.mask], p[self.mask]
-        routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(self._top_k, dim=-1).indices, True)
+            chosen = None if chosen is None else chosen.reshape(-1, chosen.shape[-1])[self.mask]
+        if chosen is None:
+            chosen = p.topk(self._top_k, dim=-1).indices
+        routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, chosen.long(), True)
         p64 = p.double()
         if self._top_k < p.shape[1]:
             best_unrouted = p64.masked_fill(routed, float("-inf")).amax(dim=-1, keepdim=True)
@@ -161,3 +171,12 @@ class RoutingRecorder:
         s.counts += routed64.sum(dim=0)
         s.margin_sum += ((p64 - best_unrouted) * routed64).sum(dim=0)  # spec stat 3, summed
         s.x_sum += routed64.T @ x.double()  # spec stat 4, summed
+
+
+def routing_probabilities(logits: torch.Tensor, scores: str = "softmax") -> torch.Tensor:
+    """The routing distribution p(x) [tokens, E] in float32: softmax of the logits, or normalised sigmoid scores."""
+    logits = logits.float()
+    if scores == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s / s.sum(dim=-1, keepdim=True)
+    return torch.softmax(logits, dim=-1)  # as the routers do: top-k is taken on float32 p

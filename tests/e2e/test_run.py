@@ -188,7 +188,7 @@ def test_report_and_compare_draw_every_plot_and_embed_it(ray_session, tiny_confi
     assert len(routing) == 2 * 2 * 4 and np.allclose(routing.groupby(["round", "layer"])["p_bar_mean"].sum(), 1.0)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
 def test_each_family_runs_a_fedalign_moe_round(ray_session, tiny_config, tmp_path: Path, family: str) -> None:  # type: ignore[no-untyped-def]
     result = run(tiny_config(f"model.family={family}", "strategy.name=fedalign_moe", "rounds=1"), out=tmp_path / family)
     assert result.rounds["test_accuracy"].between(0, 1).all()

@@ -123,3 +123,21 @@ def test_g1_evaluation_matches_torch_engine(prepared, torch_engine, world_port) 
     for a, b in zip(got, want, strict=True):
         assert (a.correct, a.count) == (b.correct, b.count)
         assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_g1_matches_torch_engine_with_shared_experts(tmp_path_factory, world_port, family: str) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: families whose MoE block adds an always-on shared expert (and DeepSeek-V3's sigmoid router)
+    cfg = load_config(None, [*TINY, f"cache_dir={tmp_path_factory.mktemp('cache')}", f"model.family={family}"])
+    run = prepare(cfg)
+    recipe = dict(base_path=run.base_path, train_path=run.train_path, test_path=run.test_path,
+                  label_token_ids=run.label_token_ids, lora=cfg.lora, train=cfg.train)
+    reference = TorchEngineSpec(**recipe)()  # type: ignore[arg-type]
+    ds = DeepSpeedEngineSpec(**recipe)(GroupContext(0, 1, "127.0.0.1", world_port))  # type: ignore[arg-type]
+    # Execute
+    want = reference.train(run.partitions[1], reference.initial_payload, _instr(1, 3))
+    got = ds.train(run.partitions[1], ds.initial_payload, _instr(1, 3))
+    # Assert
+    assert any("shared_expert" in e.param for e in ds.layout.select(role="shared"))
+    np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)
+    np.testing.assert_allclose(ds.step_losses, reference.step_losses, rtol=LOSS_RTOL)

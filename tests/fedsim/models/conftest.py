@@ -60,7 +60,7 @@ def tiny() -> TinyMoE:
     return TinyMoE()
 
 
-@pytest.fixture(params=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+@pytest.fixture(params=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
 def family_name(request: pytest.FixtureRequest) -> str:
     """Each known family in turn."""
     return str(request.param)

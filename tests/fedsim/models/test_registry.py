@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from transformers import LlamaConfig, MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from transformers import (
+    DeepseekV3ForCausalLM,
+    LlamaConfig,
+    MixtralForCausalLM,
+    OlmoeForCausalLM,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeForCausalLM,
+)
 
 from aggregation.errors import ConfigError
 from fedsim.models import build_model, family_of, family_spec, load_pretrained
@@ -16,7 +23,7 @@ if TYPE_CHECKING:
     from tests.fedsim.models.conftest import TinyMoE
 
 CLASSES = {"mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "olmoe": OlmoeForCausalLM,
-           "qwen2_moe": Qwen2MoeForCausalLM}
+           "qwen2_moe": Qwen2MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
 
 
 def test_build_model_gives_fused_experts_and_routers_for_each_family(tiny: TinyMoE, family_name: str) -> None:
@@ -69,7 +76,7 @@ def test_build_model_outputs_do_not_depend_on_train_mode(tiny: TinyMoE, family_n
 def test_build_model_raises_config_error_for_unknown_family(tiny: TinyMoE) -> None:
     with pytest.raises(ConfigError) as info:
         tiny.model("x")
-    assert str(info.value) == "model.family: unknown family 'x' (known: mixtral, qwen3_moe, olmoe, qwen2_moe)"
+    assert str(info.value) == "model.family: unknown family 'x' (known: mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v3)"
 
 
 def test_build_model_raises_config_error_when_top_k_exceeds_experts(tiny: TinyMoE) -> None:
@@ -130,7 +137,7 @@ def test_load_pretrained_raises_config_error_for_unknown_model_type(tmp_path: Pa
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
 
     # Execute / Assert
-    with pytest.raises(ConfigError, match=r"^model\.pretrained: .* is a 'llama' model \(known: mixtral, qwen3_moe, olmoe, qwen2_moe\)$"):
+    with pytest.raises(ConfigError, match=r"^model\.pretrained: .* is a 'llama' model \(known: mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v3\)$"):
         load_pretrained(str(tmp_path))
 
 

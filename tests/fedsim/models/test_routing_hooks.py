@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from aggregation.routing_stats import RoutingStats
 from fedsim.models import RoutingRecorder, family_of
+from fedsim.models.routing_hooks import routing_probabilities
 
 if TYPE_CHECKING:
     from tests.fedsim.models.conftest import TinyMoE
@@ -31,6 +32,7 @@ def _reference_stats(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tens
     for h in handles:
         h.remove()
     keep = mask.reshape(-1).numpy().astype(bool)
+    sigmoid = family_of(model).router_scores == "sigmoid"  # DeepSeek-V3: normalised sigmoid scores
     result = []
     for logits, x in zip(out.router_logits, inputs, strict=True):
         logits64 = logits.double().numpy()[keep]
@@ -39,7 +41,8 @@ def _reference_stats(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tens
         s = RoutingStats.zeros(num_experts, hidden)
         p_sum, counts, margin_sum, x_sum = s.p_sum, s.counts, s.margin_sum, s.x_sum
         for z, xv in zip(logits64, xs, strict=True):
-            p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+            p = 1 / (1 + np.exp(-z)) if sigmoid else np.exp(z - z.max())
+            p = p / p.sum()
             top = set(np.argsort(-p)[:top_k].tolist())
             best_out = max(p[j] for j in range(num_experts) if j not in top)
             p_sum += p
@@ -170,7 +173,7 @@ def test_recorder_keeps_probs_with_grad_of_latest_forward_only(tiny: TinyMoE, fa
 
     # Assert
     assert len(probs) == tiny.layers and probs[0].shape == (6, tiny.experts)
-    torch.testing.assert_close(probs[1], torch.softmax(out.router_logits[1], dim=-1))
+    torch.testing.assert_close(probs[1], routing_probabilities(out.router_logits[1], family_of(model).router_scores))
     assert mask is not None and mask.tolist() == [True] * 6
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert recorder.stats()[0].n_tokens == 0  # statistics were off
@@ -196,3 +199,13 @@ def test_recorder_records_nothing_after_exit(tiny: TinyMoE) -> None:
 
     # Assert
     assert [s.n_tokens for s in recorder.stats()] == [6, 6]
+
+
+def test_routing_probabilities_softmax_and_normalised_sigmoid() -> None:
+    logits = torch.tensor([[0.0, 0.0, 2.0], [1.0, -1.0, 0.0]])
+    soft = routing_probabilities(logits)
+    sig = routing_probabilities(logits, "sigmoid")
+    torch.testing.assert_close(soft[0], torch.tensor([1.0, 1.0, np.e**2]) / (2 + np.e**2), check_dtype=False)
+    s0 = torch.tensor([0.5, 0.5, 1 / (1 + np.exp(-2.0))])
+    torch.testing.assert_close(sig[0], (s0 / s0.sum()).float())
+    torch.testing.assert_close(sig.sum(dim=-1), torch.ones(2))
