@@ -11,7 +11,7 @@ from typing import Any
 EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": 1024}
 
 from actors.aggregator import Aggregator, RoundSummary
-from actors.pool import WorkerPool, count_finished, resolve_num_workers, shard_by_size
+from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_size
 from actors.worker import ClientWorker, Engine
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "RoundSummary",
     "WorkerPool",
     "count_finished",
+    "gpu_total_bytes",
     "resolve_num_workers",
     "shard_by_size",
 ]

@@ -75,6 +75,25 @@ def resolve_num_workers(
     return requested
 
 
+def gpu_total_bytes(gpus_per_worker: float, timeout_s: float = 60.0) -> float | None:
+    """Total memory of a GPU a worker would get, read by a task on a GPU node; None if the cluster has none."""
+    if ray.cluster_resources().get("GPU", 0.0) <= 0:
+        return None
+
+    @ray.remote(num_cpus=0, num_gpus=min(1.0, gpus_per_worker))
+    def probe() -> float:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+
+    ref = probe.remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    return float(ray.get(ref))
+
+
 def _fit(cpus: float, gpus: float, cpus_each: float, gpus_each: float) -> int:
     """How many units of (cpus_each, gpus_each) fit in (cpus, gpus)."""
     fit = int(round(cpus / cpus_each, 6))

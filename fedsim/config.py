@@ -185,6 +185,9 @@ class WorkersConfig(_Section):
     num_workers: int = Field(0, ge=0, description="0: as many as the CPUs (or GPUs) allow")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="fractional values pack workers on one GPU")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of one GPU, for the packing check; None reads it from a GPU of the cluster"
+    )
     placement: Literal["pack", "spread"] = Field(
         "pack", description="plain workers: packed onto few nodes, or spread over as many nodes as possible"
     )

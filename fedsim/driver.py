@@ -25,9 +25,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
+import torch
 import yaml
 
-from actors import EMBEDDED_SYSTEM_CONFIG, Aggregator, RoundSummary, WorkerPool, count_finished, resolve_num_workers
+from actors import (
+    EMBEDDED_SYSTEM_CONFIG,
+    Aggregator,
+    RoundSummary,
+    WorkerPool,
+    count_finished,
+    gpu_total_bytes,
+    resolve_num_workers,
+)
 from aggregation.errors import FedsimError
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import DeviceProfile, RoundClock, available, over_selected
@@ -38,6 +47,7 @@ from fedsim.callbacks.tensorboard import TensorBoardScalars, require_tensorboard
 from fedsim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedsim.config import RunConfig, load_config
 from fedsim.engine.torch_engine import TorchEngineSpec
+from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measure_worker_memory
 from fedsim.prepare import PreparedRun, prepare
 from fedsim.profiles import build_profiles, write_profiles
 from fedsim.quiet import quiet_libraries
@@ -175,6 +185,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # so does a bad profiles file
     started_ray = start_ray(cfg)
     try:
+        _check_gpu_memory(cfg, prepared)  # so does a packing of workers onto GPUs that would run out of memory
         num_workers = _num_workers(cfg)  # resources that cannot hold the workers fail here too
         run_dir = make_run_dir(cfg, out)
     except BaseException:
@@ -234,6 +245,20 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     table = MetricsTable.read(run_dir, up_to_round=checkpoint.round_idx)
     return _execute(cfg, prepared, profiles, run_dir, num_workers, started_ray, handler, table, callbacks, checkpoint)
+
+
+def _check_gpu_memory(cfg: RunConfig, prepared: PreparedRun) -> None:
+    """Refuse, before any actor starts, workers per GPU whose estimated memory exceeds the GPU's."""
+    if cfg.workers.gpus_per_worker <= 0:
+        return
+    gpu = cfg.workers.gpu_memory_gib * GIB if cfg.workers.gpu_memory_gib else gpu_total_bytes(cfg.workers.gpus_per_worker)
+    if gpu is None:
+        return  # no GPU in the cluster: the resource check names that
+    need = estimate_worker_memory(cfg, prepared.base_path)
+    if cfg.engine.backend == "torch" and torch.cuda.is_available():  # calibrate on the driver's GPU
+        need = measure_worker_memory(cfg, prepared)
+    log.info("GPU memory per worker: %s; GPU %.1f GiB", need.describe(), gpu / GIB)
+    check_gpu_packing(cfg, need, gpu)
 
 
 def _num_workers(cfg: RunConfig) -> int:

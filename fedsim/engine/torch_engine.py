@@ -145,6 +145,9 @@ class TorchEngine:
                 raise ClientFailure(cid, rnd, f"personal experts have shape {instructions.personal.shape}, layout needs ({b - a},)")
             payload[a:b] = instructions.personal
         self._load(payload)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         cfg = self.spec.train
         gen = torch.Generator().manual_seed(instructions.seed)
         torch.manual_seed(instructions.seed)  # dropout
@@ -202,6 +205,9 @@ class TorchEngine:
         up = self.layout.class_bytes()
         down = dict(up)
         metrics = {"train_loss": (loss_sum, float(seen)), **self._profile_metrics(profile)}
+        if on_gpu:  # the client's peak, then the allocator's cache goes back so the next client starts clean
+            metrics["gpu_peak_mib"] = (torch.cuda.max_memory_allocated(self.device) / 2**20, 1.0)
+            torch.cuda.empty_cache()
         residual = None
         comp = self.spec.compression
         if comp.uplink != "none":  # what the server receives is what it would decode

@@ -1,0 +1,118 @@
+"""GPU memory of one worker, estimated before any actor starts, so a packing that cannot fit fails at once.
+
+Flower's Ray engine leaves the packing of clients onto GPUs to the user and
+reports an out-of-memory error minutes into a run. Here each worker's need is
+the sum of:
+
+- the frozen base model, resident (its parameters at the engine's precision;
+  with the deepspeed engine, only 1/G of the routed experts);
+- the trainable state: LoRA factors and routers in fp32, their gradients and
+  AdamW's two moments (16 bytes a value);
+- activations of one training step at the configured batch size and the
+  longest sequence, from the transformer activation count of Korthikanti et
+  al. (2022) per layer, s·b·h·(10 + 24·(k·I)/(4h)) values with fused
+  attention (no s² scores), the MoE block counted for its k routed experts
+  of width I.
+
+The estimate is analytic; ``measure_worker_memory`` replaces it, for the torch
+engine, by the peak measured over one training step where the driver has a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from aggregation.errors import ConfigError
+from fedsim.config import RunConfig
+from fedsim.data.encoded import EncodedSplit
+from fedsim.models import apply_lora, family_of
+from fedsim.prepare import PreparedRun
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """One worker's estimated GPU memory, in bytes, by part."""
+
+    base: float
+    trainable: float
+    activations: float
+    source: str = "analytic"
+
+    @property
+    def total(self) -> float:
+        return self.base + self.trainable + self.activations
+
+    def describe(self) -> str:
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        return (f"{self.total / scale:.2f} {unit} ({self.source}: base {self.base / scale:.2f} + trainable and "
+                f"optimiser {self.trainable / scale:.2f} + activations {self.activations / scale:.2f})")
+
+
+def estimate_worker_memory(cfg: RunConfig, base_path: str) -> WorkerMemory:
+    """The analytic estimate for ``cfg``'s engine on the base saved at ``base_path`` (read on the meta device)."""
+    config: Any = AutoConfig.from_pretrained(base_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        base_values = sum(p.numel() for p in model.parameters())
+        spec = family_of(model)
+        expert_values = sum(p.numel() for m in spec.experts_modules(model) for p in m.parameters())
+        peft_model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
+                                lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts)
+        trainable_values = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    deepspeed = cfg.engine.backend == "deepspeed"
+    group = cfg.engine.group_size if deepspeed else 1
+    half = deepspeed and cfg.engine.precision in ("bf16", "auto") and cfg.workers.gpus_per_worker > 0
+    width = 2 if half else 4
+    resident = (base_values - expert_values + expert_values / group) * width
+    per_rank_batch = -(-cfg.train.batch_size // group)  # a group splits each batch's rows over its ranks
+    s, b, h = cfg.data.max_length, per_rank_batch, int(config.hidden_size)
+    k, inner = spec.top_k(config), int(getattr(config, spec.expert_intermediate_key))
+    per_layer = s * b * h * (10 + 24 * (k * inner) / (4 * h))
+    activations = per_layer * int(config.num_hidden_layers) * width
+    return WorkerMemory(base=resident, trainable=16.0 * trainable_values, activations=activations)
+
+
+def check_gpu_packing(cfg: RunConfig, need: WorkerMemory, gpu_bytes: float, *, headroom: float = 0.9) -> None:
+    """ConfigError naming the numbers when the workers packed onto one GPU do not fit ``headroom`` of it."""
+    share = cfg.workers.gpus_per_worker
+    if share <= 0:
+        return
+    per_gpu = max(1, round(1 / share)) if share < 1 else 1
+    if per_gpu * need.total > headroom * gpu_bytes:
+        fits = int(headroom * gpu_bytes // need.total)
+        hint = f"at most {fits} per GPU (workers.gpus_per_worker >= {1 / fits:.3g})" if fits else "none fits one GPU"
+        raise ConfigError(
+            f"workers.gpus_per_worker: {share:g} packs {per_gpu} worker(s) on a GPU of {gpu_bytes / GIB:.1f} GiB, "
+            f"each needing ~{need.describe()}: {per_gpu * need.total / GIB:.2f} GiB > {headroom:.0%} of the GPU; {hint}"
+        )
+
+
+def measure_worker_memory(cfg: RunConfig, prepared: PreparedRun) -> WorkerMemory:
+    """The torch engine's peak GPU memory, measured on this process's GPU: built, then one step on the
+    ``train.batch_size`` longest training examples."""
+    from aggregation.messages import ClientInstructions
+    from fedsim.engine.torch_engine import TorchEngineSpec
+
+    split = EncodedSplit.load(prepared.train_path)
+    lengths = split.take(np.arange(len(split))).attention_mask.sum(axis=1)
+    rows = np.argsort(-lengths, kind="stable")[: cfg.train.batch_size]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    one_step = cfg.train.model_copy(update={"local_steps": 1, "routing_stats": "off"})
+    engine = TorchEngineSpec(base_path=prepared.base_path, train_path=prepared.train_path, test_path=prepared.test_path,
+                             label_token_ids=prepared.label_token_ids, lora=cfg.lora, train=one_step, device="cuda")()
+    resident = torch.cuda.memory_allocated() - start
+    engine.train(rows, engine.initial_payload, ClientInstructions(client_id=-1, round_idx=0, seed=0))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    del engine
+    torch.cuda.empty_cache()
+    return WorkerMemory(base=float(resident), trainable=0.0, activations=float(peak - resident), source="measured")

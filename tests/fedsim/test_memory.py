@@ -1,0 +1,71 @@
+"""The GPU memory estimate of a worker and the packing check (analytic; no GPU here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregation.errors import ConfigError
+from fedsim.config import load_config
+from fedsim.memory import GIB, WorkerMemory, check_gpu_packing, estimate_worker_memory
+from fedsim.models import apply_lora, load_pretrained
+from fedsim.prepare import prepare
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.intermediate_size=32", "model.num_experts=4", "model.top_k=2", "model.pretrain.steps=0",
+        "model.pretrain.tokenizer_vocab=400", "lora.rank=2", "data.source=synthetic", "data.synthetic_docs_per_label=8",
+        "data.num_clients=4", "data.partition=iid", "data.min_examples=2", "data.max_length=32", "train.batch_size=4",
+        "clients_per_round=4"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str]:
+    overrides = [*TINY, f"cache_dir={tmp_path_factory.mktemp('cache')}"]
+    return overrides, prepare(load_config(None, overrides)).base_path
+
+
+def test_estimate_counts_the_real_models_values(base) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    overrides, path = base
+    cfg = load_config(None, overrides)
+    model = apply_lora(load_pretrained(path), rank=2, alpha=16.0, dropout=0.0)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Execute
+    need = estimate_worker_memory(cfg, path)
+    # Assert: fp32 base (frozen weights + routers) and 16 bytes per trainable value (value, grad, two moments)
+    routers = 2 * 4 * 32
+    assert need.base == 4 * (frozen + routers)
+    assert need.trainable == 16 * trainable
+    # activations: 2 layers × s·b·h·(10 + 24·k·I/(4h)) fp32 values, s = 32, b = 4, h = 32, k = 2, I = 32
+    assert need.activations == 2 * 32 * 4 * 32 * (10 + 24 * 2 * 32 / (4 * 32)) * 4
+    assert need.total == need.base + need.trainable + need.activations
+
+
+def test_estimate_grows_with_batch_and_shrinks_with_expert_sharding(base) -> None:  # type: ignore[no-untyped-def]
+    overrides, path = base
+    small = estimate_worker_memory(load_config(None, overrides), path)
+    big = estimate_worker_memory(load_config(None, [*overrides, "train.batch_size=8"]), path)
+    sharded = estimate_worker_memory(load_config(None, [*overrides, "engine.backend=deepspeed", "engine.group_size=2"]), path)
+    assert big.activations == pytest.approx(2 * small.activations)
+    assert sharded.base < small.base and sharded.activations == pytest.approx(small.activations / 2)
+
+
+def test_packing_that_does_not_fit_names_the_numbers(base) -> None:  # type: ignore[no-untyped-def]
+    overrides, _ = base
+    need = WorkerMemory(base=10 * GIB, trainable=1 * GIB, activations=9 * GIB)  # 20 GiB a worker
+    check_gpu_packing(load_config(None, [*overrides, "workers.gpus_per_worker=0.25"]), need, 100 * GIB)  # 4 × 20 fits
+    with pytest.raises(ConfigError, match=r"workers.gpus_per_worker: 0.2 packs 5 worker\(s\) on a GPU of 80.0 GiB, "
+                                          r"each needing ~20.00 GiB .*100.00 GiB > 90% of the GPU; at most 3 per GPU"):
+        check_gpu_packing(load_config(None, [*overrides, "workers.gpus_per_worker=0.2"]), need, 80 * GIB)
+
+
+def test_run_refuses_a_packing_before_any_actor_starts(ray_session, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedsim.driver import run
+
+    overrides, _ = base
+    cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001", "progress=false"])
+    with pytest.raises(ConfigError, match="workers.gpus_per_worker: 0.5 packs 2 worker"):
+        run(cfg, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
