@@ -20,6 +20,7 @@ import psutil
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
+from aggregation.buffered import staleness_discount
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
 from aggregation.payload import PayloadLayout, payload_class
@@ -101,17 +102,36 @@ class Aggregator:
             out.append(replace(ins, residual=self.residuals[c]) if c in self.residuals else ins)
         return out
 
+    def durations(self, update_refs: list[ray.ObjectRef], clock: RoundClock) -> list[float]:
+        """Each update's simulated duration, once all have finished (0 for a client that failed: it is
+        known at once). Read zero-copy; nothing is merged."""
+        out = []
+        for ref in update_refs:
+            try:
+                u = ray.get(ref)
+            except (RayTaskError, RayActorError, ObjectLostError, ray.exceptions.RaySystemError):
+                out.append(0.0)
+                continue
+            out.append(clock.duration(u.client_id, u.n_examples, u.compute_seconds,
+                                      sum(u.bytes_down.values()), sum(u.bytes_up.values())))
+            del u
+        return out
+
     @ray.method(num_returns=2)
     def aggregate(
-        self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef], clock: RoundClock | None = None
+        self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef], clock: RoundClock | None = None,
+        staleness: list[int] | None = None, staleness_exponent: float = 0.5,
     ) -> tuple[np.ndarray, RoundSummary]:
         """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary.
 
         With a ``clock``, each update's simulated duration decides whether it is merged: under
         ``deadline`` as it arrives, under ``over_select`` once every update is in (only then is it
         known which finished first on the simulated clock; the updates wait as object-store views).
+        With ``staleness`` (asynchronous buffered aggregation), update i counts with its weight and
+        routing statistics discounted by (1 + staleness[i])^(−staleness_exponent).
         """
         clock = clock or RoundClock(profiles={})
+        stale = {i: t for i, t in enumerate(staleness)} if staleness is not None else {}
         self.strategy.begin(global_payload, round_idx=round_idx)
         position = {ref: i for i, ref in enumerate(update_refs)}
         pending = list(update_refs)
@@ -144,12 +164,16 @@ class Aggregator:
                 kept = select(durations, "over_select", keep=clock.keep).kept
             while next_i in arrived:
                 update = arrived.pop(next_i)
+                tau = stale.get(next_i)
                 next_i += 1
+                if update is not None and tau is not None:  # started from an older version, merged into this one
+                    update = replace(update, round_idx=round_idx)
                 if update is not None:
                     on_time = kept is None or update.client_id in kept
                     if clock.policy == "deadline":
                         on_time = durations[update.client_id] <= clock.deadline_s
-                    self._fold(update, rows, p_bar, rejected, comm, durations[update.client_id], on_time)
+                    self._fold(update, rows, p_bar, rejected, comm, durations[update.client_id], on_time,
+                               None if tau is None else (tau, staleness_discount(tau, staleness_exponent)))
                 del update  # a strategy that needs the tensors later keeps its own reader
         timing = select(durations, clock.policy, deadline_s=clock.deadline_s, keep=clock.keep)
         result = self.strategy.finish()
@@ -171,12 +195,16 @@ class Aggregator:
         return result.payload, summary
 
     def _fold(self, update: ClientUpdate, rows: list[dict[str, Any]], p_bar: dict[int, list[np.ndarray]],
-              rejected: list[str], comm: list[dict[str, Any]], duration: float, on_time: bool) -> None:
+              rejected: list[str], comm: list[dict[str, Any]], duration: float, on_time: bool,
+              stale: tuple[int, float] | None = None) -> None:
         """Merge one update into the strategy, unless it is a straggler or the guard rejects it (then it is
-        only recorded)."""
+        only recorded). ``stale``: (staleness, discount) of an asynchronous update."""
         reason = rejection(update, self.layout, max_norm=self.max_update_norm)
         rows.append({**_client_row(update), "rejected": reason or "", "sim_duration_s": duration,
-                     "straggler": not on_time})
+                     "straggler": not on_time, "staleness": -1 if stale is None else stale[0]})
+        if stale is not None and stale[1] != 1.0:
+            update = replace(update, n_examples=update.n_examples * stale[1],
+                             routing=tuple(s.scaled(stale[1]) for s in update.routing))
         comm.extend(_comm_rows(update))
         if not on_time:
             return

@@ -55,6 +55,11 @@ class RoutingStats:
         # Field by field, not dataclasses.astuple (which deep-copies the arrays).
         return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    def scaled(self, factor: float) -> Self:
+        """Every sum times ``factor`` (a stale update's discount); the means p̄, m and μ are unchanged."""
+        return type(self)(self.n_tokens * factor, self.p_sum * factor, self.counts * factor, self.margin_sum * factor,
+                          self.x_sum * factor)
+
     @property
     def num_experts(self) -> int:
         return int(self.p_sum.shape[0])
@@ -62,7 +67,7 @@ class RoutingStats:
     @property
     def p_bar(self) -> np.ndarray:
         """Spec stat 1: p̄(e), the mean router probability [E]."""
-        return self.p_sum / max(self.n_tokens, 1)
+        return self.p_sum / self.n_tokens if self.n_tokens > 0 else np.zeros_like(self.p_sum)
 
     @property
     def margin(self) -> np.ndarray:
@@ -72,8 +77,7 @@ class RoutingStats:
     @property
     def mu(self) -> np.ndarray:
         """Spec stat 4: μ(e), the semantic signature, mean routed hidden state [E, d]."""
-        denom = np.maximum(self.counts, 1.0)[:, None]
-        return self.x_sum / denom
+        return np.divide(self.x_sum, self.counts[:, None], out=np.zeros_like(self.x_sum), where=self.counts[:, None] > 0)
 
     @property
     def nbytes(self) -> int:

@@ -256,7 +256,12 @@ class SystemConfig(_Section):
     seconds_per_example: float | None = Field(
         None, gt=0, description="None: measured compute seconds; a number: a reproducible compute model"
     )
-    policy: Literal["wait_all", "deadline", "over_select"] = "wait_all"
+    policy: Literal["wait_all", "deadline", "over_select", "async"] = Field(
+        "wait_all", description="async: FedBuff-style buffered asynchronous aggregation (clients_per_round train at once)"
+    )
+    async_buffer: int | None = Field(None, ge=1, description="policy async: updates per server step K (None: half the "
+                                     "clients in flight)")
+    staleness_exponent: float = Field(0.5, ge=0, description="policy async: weight discount (1 + staleness)^-a")
     deadline_s: float | None = Field(None, gt=0, description="policy deadline: updates later than this are dropped")
     over_selection: float = Field(0.3, ge=0, description="policy over_select: sample ⌈k·(1 + r)⌉, keep the first k")
     availability: float = Field(1.0, gt=0, le=1, description="probability a client is online when a round samples")
@@ -318,6 +323,13 @@ class RunConfig(_Section):
                 raise ValueError(f"engine.backend='deepspeed' needs whole GPUs per worker (NCCL), got workers.gpus_per_worker={gpus}")
             if self.engine.precision == "bf16" and not gpus:
                 raise ValueError("engine.precision='bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
+        if self.system.policy == "async":
+            if (self.system.async_buffer or 1) > self.clients_per_round:
+                raise ValueError(f"system.async_buffer={self.system.async_buffer} exceeds the clients in flight "
+                                 f"(clients_per_round={self.clients_per_round})")
+            if self.clients_per_round >= self.data.num_clients:
+                raise ValueError("system.policy 'async' needs clients_per_round < data.num_clients: a client that "
+                                 "arrives is replaced by one not already training")
         if self.train.routing_stats == "off" and self.strategy.needs_routing_stats():
             raise ValueError(f"train.routing_stats='off', but strategy.name={self.strategy.name!r} reads routing statistics")
         return self

@@ -37,6 +37,7 @@ from actors import (
     gpu_total_bytes,
     resolve_num_workers,
 )
+from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import FedsimError
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import DeviceProfile, RoundClock, available, over_selected
@@ -224,6 +225,8 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     if status == "completed":
         raise FedsimError(f"{run_dir}: the run is already completed; nothing to resume")
     cfg = load_config(run_dir / "config.yaml", [])
+    if cfg.system.policy == "async":
+        raise FedsimError(f"{run_dir}: an asynchronous run (system.policy: async) cannot be resumed")
     checkpoint = load_checkpoint(run_dir)
     prepared = prepare(cfg)
     profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)
@@ -295,7 +298,10 @@ def _execute(
         placement = pd.DataFrame(pool.placement())
         placement.to_csv(run_dir / "placement.csv", index=False)
         log.info("%d workers on %d node(s)", len(placement), placement["node_id"].nunique())
-        _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
+        if cfg.system.policy == "async":
+            _loop_async(cfg, prepared, profiles, pool, cbs, run_dir)
+        else:
+            _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
         status = "completed"
     except Exception as exc:
         log.error("run failed: %s", exc, extra=FILE_ONLY)
@@ -397,22 +403,7 @@ def _loop(
         row.update(sim_round_s=summary.sim_round_s, sim_time_s=sim_time, stragglers=len(summary.stragglers))
         if summary.stragglers:
             log.info("round %d: stragglers left out on the simulated clock: %s", r, summary.stragglers)
-        if r % cfg.eval.every == 0 or r == cfg.rounds:
-            t1 = time.perf_counter()
-            chunks = pool.evaluate(payload_ref, eval_chunks)
-            n = sum(c.count for c in chunks)
-            row["test_loss"] = sum(c.loss_sum for c in chunks) / n
-            row["test_accuracy"] = sum(c.correct for c in chunks) / n
-            row["eval_wall_s"] = time.perf_counter() - t1
-        row["wall_s"] = time.perf_counter() - t0
-        row["driver_peak_rss_mib"] = _peak_rss_mib()
-        record = RoundRecord(r, row, summary.clients, summary.comm, _routing_rows(summary.routing_p_bar))
-        stop = False
-        for cb in cbs:
-            s, extra = cb.after_round(record)
-            row.update(extra)
-            stop = stop or s
-        log.info("round %d: %s", r, {k: row[k] for k in ("train_loss", "test_accuracy") if k in row})
+        stop = _close_round(cfg, r, row, summary, pool, payload_ref, eval_chunks, cbs, t0)
         every = cfg.checkpoint.every
         if every and (r % every == 0 or r == cfg.rounds or stop):
             state = Checkpoint(r, ray.get(payload_ref), ray.get(aggregator.state_dict.remote()),
@@ -420,6 +411,97 @@ def _loop(
             save_checkpoint(run_dir, state)
         if stop:
             break
+
+
+def _close_round(
+    cfg: RunConfig, r: int, row: dict[str, Any], summary: RoundSummary, pool: WorkerPool, payload_ref: ray.ObjectRef,
+    eval_chunks: list[tuple[int, int]], cbs: list[Callback], t0: float,
+) -> bool:
+    """Evaluate when due, finish the round's row and hand it to the callbacks; True if one asks to stop."""
+    if r % cfg.eval.every == 0 or r == cfg.rounds:
+        t1 = time.perf_counter()
+        chunks = pool.evaluate(payload_ref, eval_chunks)
+        n = sum(c.count for c in chunks)
+        row["test_loss"] = sum(c.loss_sum for c in chunks) / n
+        row["test_accuracy"] = sum(c.correct for c in chunks) / n
+        row["eval_wall_s"] = time.perf_counter() - t1
+    row["wall_s"] = time.perf_counter() - t0
+    row["driver_peak_rss_mib"] = _peak_rss_mib()
+    record = RoundRecord(r, row, summary.clients, summary.comm, _routing_rows(summary.routing_p_bar))
+    stop = False
+    for cb in cbs:
+        s, extra = cb.after_round(record)
+        row.update(extra)
+        stop = stop or s
+    log.info("round %d: %s", r, {k: row[k] for k in ("train_loss", "test_accuracy") if k in row})
+    return stop
+
+
+def _loop_async(
+    cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, cbs: list[Callback],
+    run_dir: Path,
+) -> None:
+    """FedBuff-style asynchronous rounds (aggregation/buffered.py): ``clients_per_round`` clients train at once,
+    each from the version current when it started on the simulated clock; every ``system.async_buffer``
+    arrivals make one server step (a row of the rounds table), their weights discounted by staleness.
+
+    Arrival order is decided on the simulated clock, so the next step waits until every client in flight has
+    finished for real; a client that arrives is replaced at its arrival time, from the version then current:
+    all but the step's last arrival start from the version being merged, while it is merged.
+    """
+    layout, initial = pool.describe()
+    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
+    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
+    system = cfg.system
+    write_profiles(profiles, run_dir / "profiles.csv")
+    clock = RoundClock(profiles, "wait_all", seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs)
+    buffer_size = system.async_buffer or max(1, cfg.clients_per_round // 2)
+    versions = {0: ray.put(initial)}
+    del initial
+    eval_chunks = [(lo, min(lo + cfg.eval.batch_size, prepared.n_test)) for lo in range(0, prepared.n_test, cfg.eval.batch_size)]
+    flights: list[Flight[ray.ObjectRef]] = []
+
+    def launch(count: int, start_s: float, version: int) -> None:
+        busy = {f.client for f in flights}
+        online = available(cfg.data.num_clients, round_idx=version + 1, seed=cfg.seed, probability=system.availability)
+        clients = sampler.sample([c for c in online if c not in busy], count)
+        if not clients:
+            return
+        seeds = [client_seed(cfg.seed, version + 1, c) for c in clients]
+        instructions = ray.get(aggregator.configure.remote(version + 1, clients, seeds))
+        refs = pool.submit(versions[version], instructions, [prepared.partitions[c] for c in clients])
+        flights.extend(Flight(c, start_s, version, ref) for c, ref in zip(clients, refs, strict=True))
+
+    launch(cfg.clients_per_round, 0.0, 0)
+    previous_step_s = 0.0
+    log.info("async: %d clients in flight, a server step every %d arrivals, staleness discount (1 + τ)^-%g",
+             cfg.clients_per_round, buffer_size, system.staleness_exponent)
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        durations = ray.get(aggregator.durations.remote([f.handle for f in flights], clock))
+        arrivals = next_buffer(flights, durations, buffer_size)
+        merged = [f for f, _ in arrivals]
+        flights = [f for f in flights if f not in merged]
+        new_ref, summary_ref = aggregator.aggregate.remote(
+            r, versions[r - 1], [f.handle for f in merged], clock, [r - 1 - f.version for f in merged],
+            system.staleness_exponent,
+        )
+        versions[r] = new_ref
+        for j, (_, at) in enumerate(arrivals):  # replacements, from the version current at their arrival
+            launch(1, at, r if j == len(arrivals) - 1 else r - 1)
+        summary: RoundSummary = ray.get(summary_ref)
+        _handle_failures(cfg, r, summary)
+        for v in [v for v in versions if v < r and all(f.version != v for f in flights)]:
+            del versions[v]  # no client trains from it any more
+        row = _round_row(r, [f.client for f in merged], summary, time.perf_counter() - t0, len(pool))
+        staleness = [r - 1 - f.version for f in merged]
+        row.update(sim_round_s=arrivals[-1][1] - previous_step_s, sim_time_s=arrivals[-1][1], stragglers=0,
+                   staleness_mean=float(np.mean(staleness)), staleness_max=int(max(staleness)))
+        previous_step_s = arrivals[-1][1]
+        if _close_round(cfg, r, row, summary, pool, new_ref, eval_chunks, cbs, t0):
+            break
+    if cfg.checkpoint.every:
+        log.info("async runs write no checkpoint: the clients in flight are not part of one (resume is not supported)")
 
 
 def _handle_failures(cfg: RunConfig, r: int, summary: RoundSummary) -> None:

@@ -245,3 +245,23 @@ def test_run_writes_tensorboard_scalars(ray_session, tiny_config, tmp_path: Path
     loss = [e.value for e in events.Scalars("round/train_loss")]
     assert [e.step for e in events.Scalars("round/train_loss")] == [1, 2]
     assert loss == pytest.approx(result.rounds["train_loss"].tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedalign_moe"])
+def test_async_buffered_rounds_discount_stale_updates(ray_session, tiny_config, tmp_path: Path, strategy: str) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: 4 clients in flight, a server step every 2 arrivals, half the clients 5× slower
+    cfg = tiny_config("system.policy=async", "clients_per_round=4", "system.async_buffer=2", "rounds=5",
+                      "system.seconds_per_example=0.01", "system.profiles=random", "system.slow_fraction=0.5",
+                      "system.slow_factor=5", f"strategy.name={strategy}")
+    # Execute
+    result = run(cfg, out=tmp_path / "async")
+    # Assert: 5 server steps of 2 updates each, on an advancing simulated clock, some of them stale
+    rounds, clients = result.rounds, result.clients
+    assert rounds["round"].tolist() == [1, 2, 3, 4, 5] and (rounds["clients_completed"] == 2).all()
+    assert rounds["sim_time_s"].is_monotonic_increasing and (rounds["sim_round_s"] >= 0).all()
+    assert rounds["staleness_mean"].iloc[0] == 0 and rounds["staleness_max"].max() >= 1
+    assert (clients["staleness"] >= 0).all() and rounds["test_accuracy"].notna().all()
+    if strategy == "fedavg":  # FedAvg's weight of client i is n_i·(1 + τ_i)^-0.5, normalised over the step
+        for _, step in clients.groupby("round"):
+            raw = step["n_examples"] * (1 + step["staleness"]) ** -0.5
+            np.testing.assert_allclose(step["weight"], raw / raw.sum(), rtol=1e-6)

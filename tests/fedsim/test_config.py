@@ -135,3 +135,15 @@ def test_tensorboard_without_its_package_names_the_option(monkeypatch: pytest.Mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match=r"logging.tensorboard: .*fedsim\[tensorboard\]"):
         require_tensorboard()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["system.policy=async", "clients_per_round=4", "system.async_buffer=5"], "system.async_buffer=5 exceeds"),
+        (["system.policy=async", "clients_per_round=10", "data.num_clients=10"], "needs clients_per_round < data.num_clients"),
+    ],
+)
+def test_async_options_that_cannot_run_are_rejected(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
