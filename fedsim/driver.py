@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -447,7 +448,8 @@ def _loop_async(
 
     Arrival order is decided on the simulated clock, so the next step waits until every client in flight has
     finished for real; a client that arrives is replaced at its arrival time, from the version then current:
-    all but the step's last arrival start from the version being merged, while it is merged.
+    arrivals before the step's last start from the version being merged, while it is merged. With
+    K = clients in flight and simultaneous arrivals this is synchronous FedAvg, round for round.
     """
     layout, initial = pool.describe()
     aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
@@ -487,17 +489,20 @@ def _loop_async(
             system.staleness_exponent,
         )
         versions[r] = new_ref
-        for j, (_, at) in enumerate(arrivals):  # replacements, from the version current at their arrival
-            launch(1, at, r if j == len(arrivals) - 1 else r - 1)
+        step_s = arrivals[-1][1]
+        # replacements, from the version current at their arrival: those that arrived before the step get the
+        # version being merged, those arriving with it the new one; simultaneous arrivals are sampled together
+        for (at, _), group in groupby(arrivals, key=lambda a: (a[1], a[1] >= step_s)):
+            launch(len(list(group)), at, r if at >= step_s else r - 1)
         summary: RoundSummary = ray.get(summary_ref)
         _handle_failures(cfg, r, summary)
         for v in [v for v in versions if v < r and all(f.version != v for f in flights)]:
             del versions[v]  # no client trains from it any more
         row = _round_row(r, [f.client for f in merged], summary, time.perf_counter() - t0, len(pool))
         staleness = [r - 1 - f.version for f in merged]
-        row.update(sim_round_s=arrivals[-1][1] - previous_step_s, sim_time_s=arrivals[-1][1], stragglers=0,
+        row.update(sim_round_s=step_s - previous_step_s, sim_time_s=step_s, stragglers=0,
                    staleness_mean=float(np.mean(staleness)), staleness_max=int(max(staleness)))
-        previous_step_s = arrivals[-1][1]
+        previous_step_s = step_s
         if _close_round(cfg, r, row, summary, pool, new_ref, eval_chunks, cbs, t0):
             break
     if cfg.checkpoint.every:

@@ -265,3 +265,16 @@ def test_async_buffered_rounds_discount_stale_updates(ray_session, tiny_config, 
         for _, step in clients.groupby("round"):
             raw = step["n_examples"] * (1 + step["staleness"]) ** -0.5
             np.testing.assert_allclose(step["weight"], raw / raw.sum(), rtol=1e-6)
+
+
+def test_async_with_buffer_equal_to_cohort_and_no_staleness_is_synchronous_fedavg(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: every client holds 5 examples and computes alike, so a cohort's updates arrive together
+    same = ["data.partition=iid", "data.synthetic_docs_per_label=8", "clients_per_round=3", "rounds=3",
+            "system.seconds_per_example=0.01"]
+    # Execute
+    sync = run(tiny_config(*same), out=tmp_path / "sync").rounds
+    buffered = run(tiny_config(*same, "system.policy=async", "system.async_buffer=3"), out=tmp_path / "async").rounds
+    # Assert
+    assert (buffered["staleness_max"] == 0).all()
+    cols = ["round", "train_loss", "test_loss", "test_accuracy", "examples", "bytes_up", "sim_time_s"]
+    pd.testing.assert_frame_equal(buffered[cols], sync[cols], check_exact=True)
