@@ -91,6 +91,33 @@ def available(num_clients: int, *, round_idx: int, seed: int, probability: float
     return [c for c in range(num_clients) if rng.random() < probability]
 
 
+@dataclass(frozen=True)
+class AvailabilityTrace:
+    """When each client is online: intervals [active_i, inactive_i) of a cycle of ``period`` seconds, repeated.
+
+    The shape of FedScale's client behaviour traces (``active`` and ``inactive`` time stamps and a
+    ``finish_time`` per client).
+    """
+
+    intervals: dict[int, tuple[tuple[float, float], ...]]
+    period: dict[int, float]
+
+    def online(self, at_s: float) -> list[int]:
+        """Clients online at simulated time ``at_s``."""
+        return [c for c, spans in sorted(self.intervals.items())
+                if any(a <= at_s % self.period[c] < b for a, b in spans)]
+
+    def next_online(self, after_s: float) -> float:
+        """The first time after ``after_s`` at which some client comes online (inf if none ever does)."""
+        best = math.inf
+        for c, spans in self.intervals.items():
+            cycle = after_s - after_s % self.period[c]
+            for a, _ in spans:
+                start = cycle + a if cycle + a > after_s else cycle + self.period[c] + a
+                best = min(best, start)
+        return best
+
+
 def over_selected(per_round: int, rate: float, num_available: int) -> int:
     """How many to sample for over-selection: ⌈k·(1 + r)⌉, at most the available clients."""
     return min(num_available, math.ceil(per_round * (1.0 + rate)))

@@ -246,7 +246,7 @@ class SystemConfig(_Section):
 
     profiles: str = Field(
         "uniform", description="uniform | random (slow_fraction, slow_factor) | a csv/json/parquet file with columns "
-        "client, speed_factor, downlink_mbps, uplink_mbps, latency_s",
+        "client, speed_factor, downlink_mbps, uplink_mbps, latency_s | a FedScale device capacity pickle (.pkl)",
     )
     slow_fraction: float = Field(0.0, ge=0, le=1, description="random profiles: share of clients that are slow")
     slow_factor: float = Field(1.0, ge=1, allow_inf_nan=False, description="random profiles: their compute slowdown")
@@ -265,6 +265,9 @@ class SystemConfig(_Section):
     deadline_s: float | None = Field(None, gt=0, description="policy deadline: updates later than this are dropped")
     over_selection: float = Field(0.3, ge=0, description="policy over_select: sample ⌈k·(1 + r)⌉, keep the first k")
     availability: float = Field(1.0, gt=0, le=1, description="probability a client is online when a round samples")
+    availability_trace: str | None = Field(
+        None, description="a FedScale client behaviour trace (.pkl): clients are online per its active intervals"
+    )
 
     @model_validator(mode="after")
     def _deadline(self) -> SystemConfig:

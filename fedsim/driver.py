@@ -41,7 +41,7 @@ from actors import (
 from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import FedsimError
 from aggregation.routing_stats import total_variation
-from aggregation.virtual_clock import DeviceProfile, RoundClock, available, over_selected
+from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.callbacks.metrics_table import MetricsTable
 from fedsim.callbacks.progress import Progress
@@ -51,7 +51,7 @@ from fedsim.config import RunConfig, load_config
 from fedsim.engine.torch_engine import TorchEngineSpec
 from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measure_worker_memory
 from fedsim.prepare import PreparedRun, prepare
-from fedsim.profiles import build_profiles, write_profiles
+from fedsim.profiles import build_availability, build_profiles, write_profiles
 from fedsim.quiet import quiet_libraries
 from fedsim.strategies import StrategyFactory
 
@@ -185,6 +185,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         require_tensorboard()  # a missing extra fails before any work
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
     profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # so does a bad profiles file
+    build_availability(cfg.system, cfg.data.num_clients)  # and a bad availability trace
     started_ray = start_ray(cfg)
     try:
         _check_gpu_memory(cfg, prepared)  # so does a packing of workers onto GPUs that would run out of memory
@@ -366,6 +367,7 @@ def _loop(
         profiles, system.policy, deadline_s=system.deadline_s or math.inf, keep=cfg.clients_per_round,
         seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs,
     )
+    trace = build_availability(system, cfg.data.num_clients)
     sim_time = 0.0
     first = 1
     if checkpoint is not None:
@@ -381,7 +383,7 @@ def _loop(
     log.info("payload: %d values (%.2f MiB) in %d entries", layout.total, layout.nbytes / 2**20, len(layout))
     for r in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
-        online = available(cfg.data.num_clients, round_idx=r, seed=cfg.seed, probability=system.availability)
+        online, sim_time = _online(cfg, trace, r, sim_time)
         count = over_selected(cfg.clients_per_round, system.over_selection, len(online)) \
             if system.policy == "over_select" else cfg.clients_per_round
         cohort = sampler.sample(online, count)
@@ -412,6 +414,21 @@ def _loop(
             save_checkpoint(run_dir, state)
         if stop:
             break
+
+
+def _online(cfg: RunConfig, trace: AvailabilityTrace | None, r: int, sim_time: float) -> tuple[list[int], float]:
+    """Clients online when round ``r`` starts, and that start on the simulated clock: with a trace, a round
+    that would find nobody online waits until somebody comes online."""
+    if trace is None:
+        return available(cfg.data.num_clients, round_idx=r, seed=cfg.seed, probability=cfg.system.availability), sim_time
+    online = trace.online(sim_time)
+    if not online:
+        later = trace.next_online(sim_time)
+        if not math.isfinite(later):
+            raise RunFailed(f"round {r}: no client of system.availability_trace is ever online again")
+        log.info("round %d: no client online at %.1f s on the simulated clock; waiting until %.1f s", r, sim_time, later)
+        sim_time, online = later, trace.online(later)
+    return online, sim_time
 
 
 def _close_round(
@@ -458,6 +475,7 @@ def _loop_async(
     write_profiles(profiles, run_dir / "profiles.csv")
     clock = RoundClock(profiles, "wait_all", seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs)
     buffer_size = system.async_buffer or max(1, cfg.clients_per_round // 2)
+    trace = build_availability(system, cfg.data.num_clients)
     versions = {0: ray.put(initial)}
     del initial
     eval_chunks = [(lo, min(lo + cfg.eval.batch_size, prepared.n_test)) for lo in range(0, prepared.n_test, cfg.eval.batch_size)]
@@ -465,7 +483,11 @@ def _loop_async(
 
     def launch(count: int, start_s: float, version: int) -> None:
         busy = {f.client for f in flights}
-        online = available(cfg.data.num_clients, round_idx=version + 1, seed=cfg.seed, probability=system.availability)
+        online = trace.online(start_s) if trace is not None else \
+            available(cfg.data.num_clients, round_idx=version + 1, seed=cfg.seed, probability=system.availability)
+        if trace is not None and not [c for c in online if c not in busy]:  # wait for somebody to come online
+            start_s = trace.next_online(start_s)
+            online = trace.online(start_s) if math.isfinite(start_s) else []
         clients = sampler.sample([c for c in online if c not in busy], count)
         if not clients:
             return
@@ -480,6 +502,8 @@ def _loop_async(
              cfg.clients_per_round, buffer_size, system.staleness_exponent)
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
+        if not flights:
+            raise RunFailed(f"step {r}: no client is training and none can start (nobody online)")
         durations = ray.get(aggregator.durations.remote([f.handle for f in flights], clock))
         arrivals = next_buffer(flights, durations, buffer_size)
         merged = [f for f, _ in arrivals]

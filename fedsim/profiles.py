@@ -1,6 +1,7 @@
 """Device profiles of a run's clients: built from the config (seeded) or read from a file, and stored.
 
-The file form takes one row per client with columns ``client``,
+A ``.pkl`` file is a FedScale device-capacity trace (``fedsim.fedscale``). The
+table form takes one row per client with columns ``client``,
 ``speed_factor``, ``downlink_mbps``, ``uplink_mbps`` and ``latency_s`` (csv,
 json records or parquet, read with pandas); clients it leaves out get a
 speed-1 device with free links. The profiles a run used are written to its
@@ -15,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from aggregation.errors import ConfigError
-from aggregation.virtual_clock import DeviceProfile, random_profiles
+from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, random_profiles
 from fedsim.config import SystemConfig
+from fedsim.fedscale import fedscale_availability, fedscale_profiles
 
 COLUMNS = ("client", "speed_factor", "downlink_mbps", "uplink_mbps", "latency_s")
 
@@ -34,9 +36,11 @@ def build_profiles(system: SystemConfig, num_clients: int, seed: int) -> dict[in
             latency_s=system.latency_s,
         )
     path = Path(system.profiles)
+    if path.suffix == ".pkl":
+        return fedscale_profiles(str(path), num_clients)
     readers = {".csv": pd.read_csv, ".json": pd.read_json, ".parquet": pd.read_parquet}
     if path.suffix not in readers:
-        raise ConfigError(f"system.profiles: {path} is neither uniform, random nor a .csv/.json/.parquet file")
+        raise ConfigError(f"system.profiles: {path} is neither uniform, random nor a .csv/.json/.parquet/.pkl file")
     if not path.exists():
         raise ConfigError(f"system.profiles: file not found: {path}")
     try:
@@ -53,6 +57,11 @@ def build_profiles(system: SystemConfig, num_clients: int, seed: int) -> dict[in
         for r in table.itertuples()
         if 0 <= int(r.client) < num_clients
     }
+
+
+def build_availability(system: SystemConfig, num_clients: int) -> AvailabilityTrace | None:
+    """The clients' availability trace, when ``system.availability_trace`` names one."""
+    return None if system.availability_trace is None else fedscale_availability(system.availability_trace, num_clients)
 
 
 def write_profiles(profiles: dict[int, DeviceProfile], path: Path) -> None:

@@ -278,3 +278,19 @@ def test_async_with_buffer_equal_to_cohort_and_no_staleness_is_synchronous_fedav
     assert (buffered["staleness_max"] == 0).all()
     cols = ["round", "train_loss", "test_loss", "test_accuracy", "examples", "bytes_up", "sim_time_s"]
     pd.testing.assert_frame_equal(buffered[cols], sync[cols], check_exact=True)
+
+
+def test_a_fedscale_availability_trace_decides_who_can_be_sampled(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import pickle
+
+    # Prepare: FedScale-style trace; clients 0-3 online from 5 s on, clients 4 and 5 never
+    always = {"active": [5.0], "inactive": [1e9], "finish_time": 2e9}
+    never = {"active": [], "inactive": [], "finish_time": 100.0}
+    trace = tmp_path / "behave.pkl"
+    trace.write_bytes(pickle.dumps({i: always if i < 4 else never for i in range(6)}))
+    # Execute
+    result = run(tiny_config(f"system.availability_trace={trace}", "system.seconds_per_example=0.01"), out=tmp_path / "t")
+    # Assert: only the four online clients, the first round waiting until they come online at 5 s
+    assert set(result.clients["client"]) == {0, 1, 2, 3}
+    assert (result.rounds["clients_sampled"] == 4).all()
+    assert result.rounds["sim_time_s"].iloc[0] >= 5.0
