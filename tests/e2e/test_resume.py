@@ -67,6 +67,8 @@ def test_killed_run_resumes_to_the_uninterrupted_tables(ray_session, tiny_config
     pd.testing.assert_frame_equal(resumed.clients[CLIENT_METRICS], full.clients[CLIENT_METRICS])
     on_disk = pd.read_parquet(tmp_path / "killed" / "rounds.parquet")
     assert on_disk["round"].tolist() == [1, 2, 3, 4]
+    clients_csv = pd.read_csv(tmp_path / "killed" / "clients.csv")  # cut back at the resume, then appended
+    assert clients_csv["round"].tolist() == full.clients["round"].tolist()
     assert json.loads((tmp_path / "killed" / "status.json").read_text())["status"] == "completed"
     manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert manifest["resumed"][0]["after_round"] == killed_after

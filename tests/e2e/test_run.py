@@ -28,8 +28,11 @@ def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) ->
     result = run(tiny_config(), out=tmp_path / "run")
     # Assert
     d = result.run_dir
-    for name in ("config.yaml", "manifest.json", "rounds.parquet", "rounds.csv", "clients.parquet", "clients.csv", "run.log"):
+    for name in ("config.yaml", "manifest.json", "rounds.parquet", "rounds.csv", "clients.csv", "run.log"):
         assert (d / name).is_file(), name
+    for name in ("clients", "comm", "routing"):  # grown by one part per round, never rewritten
+        assert sorted(p.name for p in (d / f"{name}.parquet").iterdir()) == ["round-000001.parquet", "round-000002.parquet"]
+    assert len(pd.read_csv(d / "clients.csv")) == 12
     assert json.loads((d / "status.json").read_text())["status"] == "completed"
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["partition_hash"] and manifest["versions"]["ray"] == "2.60.0"
