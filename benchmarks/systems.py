@@ -65,8 +65,8 @@ def stragglers(base: list[str], rounds: int, clients: int, spe: float, work: Pat
             "final_accuracy": last(r, "test_accuracy"),
             "sim_time_to_target_s": float(reached["sim_time_s"].iloc[0]) if len(reached) else float("nan"),
             "sim_time_total_s": float(r["sim_time_s"].iloc[-1]),
-            "client_updates_merged": int(r["clients_completed"].sum()),
-            "stragglers_dropped": int(r["stragglers"].sum()),
+            "client_updates_trained": int(r["clients_completed"].sum()),
+            "client_updates_merged": int(r["clients_completed"].sum() - r["stragglers"].sum()),
         })
     table = pd.DataFrame(rows)
     table.attrs["target"] = target
