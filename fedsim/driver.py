@@ -445,7 +445,9 @@ def _close_round(
         row["eval_wall_s"] = time.perf_counter() - t1
     row["wall_s"] = time.perf_counter() - t0
     row["driver_peak_rss_mib"] = _peak_rss_mib()
-    record = RoundRecord(r, row, summary.clients, summary.comm, _routing_rows(summary.routing_p_bar))
+    at = {"sim_time_s": row.get("sim_time_s", float("nan"))}  # simulated time is a column of every table
+    record = RoundRecord(r, row, [{**c, **at} for c in summary.clients], [{**c, **at} for c in summary.comm],
+                         [{**c, **at} for c in _routing_rows(summary.routing_p_bar)])
     stop = False
     for cb in cbs:
         s, extra = cb.after_round(record)

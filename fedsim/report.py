@@ -73,6 +73,22 @@ def _accuracy_vs_bytes(rounds: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out / "accuracy_vs_bytes.png")
 
 
+def _accuracy_vs_time(rounds: pd.DataFrame, out: Path) -> Path | None:
+    if "sim_time_s" not in rounds:
+        return None
+    evaluated = rounds.dropna(subset=["test_accuracy"])
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    acc.plot(evaluated["sim_time_s"], evaluated["test_accuracy"], marker="o")
+    acc.set(xlabel="simulated time (s)", ylabel="global test accuracy", title="Test accuracy vs simulated time")
+    loss.plot(evaluated["sim_time_s"], evaluated["test_loss"], marker="o", label="test")
+    loss.plot(rounds["sim_time_s"], rounds["train_loss"], marker=".", label="train (clients' mean)")
+    loss.set(xlabel="simulated time (s)", ylabel="loss", title="Loss vs simulated time")
+    loss.legend()
+    for ax in (acc, loss):
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "accuracy_vs_time.png")
+
+
 def _bytes_by_class(comm: pd.DataFrame, out: Path) -> Path | None:
     if comm.empty:
         return None
@@ -139,11 +155,11 @@ def _strategy(rounds: pd.DataFrame, out: Path) -> Path | None:
 
 def _failures(rounds: pd.DataFrame, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    kinds = [c for c in ("clients_failed", "clients_rejected") if c in rounds]
+    kinds = [c for c in ("clients_failed", "clients_rejected", "stragglers") if c in rounds]
     width = 0.8 / max(len(kinds), 1)
     for i, c in enumerate(kinds):
         ax.bar(rounds["round"] + (i - (len(kinds) - 1) / 2) * width, rounds[c], width=width, label=c)
-    ax.set(xlabel="round", ylabel="clients", title="Failed and rejected clients per round")
+    ax.set(xlabel="round", ylabel="clients", title="Failed, rejected and straggling clients per round")
     ax.set_ylim(bottom=0, top=max(1, float(rounds[kinds].to_numpy().max())) * 1.1 if kinds else 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
@@ -171,7 +187,7 @@ def report(run_dir: str | Path) -> Path:
     rounds = _rounds(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    images = [_accuracy(rounds, out), _accuracy_vs_bytes(rounds, out), _bytes_by_class(_read(run_dir, "comm"), out),
+    images = [_accuracy(rounds, out), _accuracy_vs_time(rounds, out), _accuracy_vs_bytes(rounds, out), _bytes_by_class(_read(run_dir, "comm"), out),
               _expert_utilisation(_read(run_dir, "routing"), out), _client_weights(_read(run_dir, "clients"), out),
               _strategy(rounds, out), _failures(rounds, out)]
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
@@ -194,14 +210,18 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = {Path(d).name: _rounds(Path(d)) for d in run_dirs}
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (by_round, by_time, by_bytes) = plt.subplots(1, 3, figsize=(15, 4))
     for name, rounds in runs.items():
-        by_round.plot(rounds["round"], rounds["test_accuracy"], marker=".", label=name)
         mib = (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / 2**20
-        by_bytes.plot(mib, rounds["test_accuracy"], marker=".", label=name)
+        seen = rounds["test_accuracy"].notna()
+        by_round.plot(rounds["round"][seen], rounds["test_accuracy"][seen], marker=".", label=name)
+        if "sim_time_s" in rounds:
+            by_time.plot(rounds["sim_time_s"][seen], rounds["test_accuracy"][seen], marker=".", label=name)
+        by_bytes.plot(mib[seen], rounds["test_accuracy"][seen], marker=".", label=name)
     by_round.set(xlabel="round", ylabel="global test accuracy", title="Test accuracy vs round")
+    by_time.set(xlabel="simulated time (s)", ylabel="global test accuracy", title="Test accuracy vs simulated time")
     by_bytes.set(xlabel="cumulative MiB (down + up)", ylabel="global test accuracy", title="Test accuracy vs bytes")
-    for ax in (by_round, by_bytes):
+    for ax in (by_round, by_time, by_bytes):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     image = _save(fig, out / "compare_accuracy.png")

@@ -178,7 +178,7 @@ def test_report_and_compare_draw_every_plot_and_embed_it(ray_session, tiny_confi
     compared = compare([a, b], tmp_path / "cmp")
 
     # Assert: every PNG exists, is a real image, and the page embeds each one
-    names = {"accuracy", "accuracy_vs_bytes", "bytes_by_class", "expert_utilisation", "client_weights", "fedalign",
+    names = {"accuracy", "accuracy_vs_time", "accuracy_vs_bytes", "bytes_by_class", "expert_utilisation", "client_weights", "fedalign",
              "failures"}
     pngs = {p.stem: p for p in (b / "report").glob("*.png")}
     assert set(pngs) == names
