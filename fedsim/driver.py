@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -362,7 +363,7 @@ def _loop(
     aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
-    write_profiles(profiles, run_dir / "profiles.csv")
+    _store_system(cfg, profiles, run_dir)
     clock = RoundClock(
         profiles, system.policy, deadline_s=system.deadline_s or math.inf, keep=cfg.clients_per_round,
         seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs,
@@ -431,6 +432,13 @@ def _online(cfg: RunConfig, trace: AvailabilityTrace | None, r: int, sim_time: f
     return online, sim_time
 
 
+def _store_system(cfg: RunConfig, profiles: dict[int, DeviceProfile], run_dir: Path) -> None:
+    """The device profiles and any availability trace the run used, kept in its directory."""
+    write_profiles(profiles, run_dir / "profiles.csv")
+    if cfg.system.availability_trace:
+        shutil.copyfile(cfg.system.availability_trace, run_dir / "availability_trace.pkl")
+
+
 def _close_round(
     cfg: RunConfig, r: int, row: dict[str, Any], summary: RoundSummary, pool: WorkerPool, payload_ref: ray.ObjectRef,
     eval_chunks: list[tuple[int, int]], cbs: list[Callback], t0: float,
@@ -474,7 +482,7 @@ def _loop_async(
     aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
-    write_profiles(profiles, run_dir / "profiles.csv")
+    _store_system(cfg, profiles, run_dir)
     clock = RoundClock(profiles, "wait_all", seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs)
     buffer_size = system.async_buffer or max(1, cfg.clients_per_round // 2)
     trace = build_availability(system, cfg.data.num_clients)

@@ -297,3 +297,4 @@ def test_a_fedscale_availability_trace_decides_who_can_be_sampled(ray_session, t
     assert set(result.clients["client"]) == {0, 1, 2, 3}
     assert (result.rounds["clients_sampled"] == 4).all()
     assert result.rounds["sim_time_s"].iloc[0] >= 5.0
+    assert (result.run_dir / "availability_trace.pkl").read_bytes() == trace.read_bytes()
