@@ -64,12 +64,18 @@ def _accuracy(rounds: pd.DataFrame, out: Path) -> Path:
 
 
 def _accuracy_vs_bytes(rounds: pd.DataFrame, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     mib = (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / 2**20
-    ax.plot(mib, rounds["test_accuracy"], marker="o")
-    ax.set(xlabel="cumulative MiB (down + up, all clients)", ylabel="global test accuracy",
-           title="Test accuracy vs communicated bytes")
-    ax.grid(alpha=0.3)
+    seen = rounds["test_accuracy"].notna()
+    acc.plot(mib[seen], rounds["test_accuracy"][seen], marker="o")
+    acc.set(xlabel="cumulative MiB (down + up, all clients)", ylabel="global test accuracy",
+            title="Test accuracy vs communicated bytes")
+    loss.plot(mib[seen], rounds["test_loss"][seen], marker="o", label="test")
+    loss.plot(mib, rounds["train_loss"], marker=".", label="train (clients' mean)")
+    loss.set(xlabel="cumulative MiB (down + up, all clients)", ylabel="loss", title="Loss vs communicated bytes")
+    loss.legend()
+    for ax in (acc, loss):
+        ax.grid(alpha=0.3)
     return _save(fig, out / "accuracy_vs_bytes.png")
 
 
