@@ -288,8 +288,7 @@ class FedAlignMoE(Strategy):
         signatures: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer → μ [N, E, d], counts [N, E]
         for (layer, expert), (a, b) in zip(self.layout.expert_keys(), spans, strict=True):
             deltas = cohort_slice[:, : b - a]
-            for i, r in enumerate(self._readers):
-                deltas[i] = r.read(a, b)
+            np.stack([r.read(a, b) for r in self._readers], out=deltas)  # one slice × cohort, copied in one call
             if opts.semantic:
                 if layer not in signatures:
                     stats = [r.update.routing[layer] for r in self._readers]

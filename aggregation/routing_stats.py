@@ -14,6 +14,11 @@ from typing import Self
 import numpy as np
 
 
+# Divides sums by counts that may be fractional (a stale update's discounted statistics): where a count is
+# 0 its sums are 0 too, so dividing by this instead gives the 0 an unused expert's mean is defined as.
+_TINY = 1e-30
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingStats:
     """Sums over the non-padding tokens a client routed through one MoE layer.
@@ -67,17 +72,17 @@ class RoutingStats:
     @property
     def p_bar(self) -> np.ndarray:
         """Spec stat 1: p̄(e), the mean router probability [E]."""
-        return self.p_sum / self.n_tokens if self.n_tokens > 0 else np.zeros_like(self.p_sum)
+        return self.p_sum / max(self.n_tokens, _TINY)
 
     @property
     def margin(self) -> np.ndarray:
         """Spec stat 3: m(e), mean routing margin over routed tokens, 0 where unused [E]."""
-        return np.divide(self.margin_sum, self.counts, out=np.zeros_like(self.margin_sum), where=self.counts > 0)
+        return self.margin_sum / np.maximum(self.counts, _TINY)  # an unused expert's sum is 0: 0 / tiny = 0
 
     @property
     def mu(self) -> np.ndarray:
         """Spec stat 4: μ(e), the semantic signature, mean routed hidden state [E, d]."""
-        return np.divide(self.x_sum, self.counts[:, None], out=np.zeros_like(self.x_sum), where=self.counts[:, None] > 0)
+        return self.x_sum / np.maximum(self.counts, _TINY)[:, None]
 
     @property
     def nbytes(self) -> int:
