@@ -108,6 +108,9 @@ class TrainConfig(_Section):
     routing_reg: Literal["token", "batch"] = Field(
         "token", description="FedAlign-MoE regulariser: per-token top-k form (spec) or batch-level KL"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (less memory, more compute)"
+    )
     routing_stats: Literal["after", "during", "off"] = Field(
         "after",
         description="after: one no-grad pass after local training (the spec's); during: read off the training "
@@ -314,6 +317,9 @@ class RunConfig(_Section):
             raise ValueError(
                 f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
             )
+        if self.train.gradient_checkpointing and self.train.routing_stats == "during":
+            raise ValueError("train.gradient_checkpointing recomputes the routers in the backward pass, which would "
+                             "count their tokens twice: use train.routing_stats='after'")
         if self.engine.backend == "deepspeed":
             if self.model.pretrained is None and self.model.num_experts % self.engine.group_size:
                 raise ValueError(

@@ -12,7 +12,8 @@ the sum of:
   longest sequence, from the transformer activation count of Korthikanti et
   al. (2022) per layer, s·b·h·(10 + 24·(k·I)/(4h)) values with fused
   attention (no s² scores), the MoE block counted for its k routed experts
-  of width I.
+  of width I; with ``train.gradient_checkpointing``, each layer's input plus
+  one layer's activations.
 
 The estimate is analytic; ``measure_worker_memory`` replaces it, for the torch
 engine, by the peak measured over one training step where the driver has a GPU.
@@ -75,7 +76,11 @@ def estimate_worker_memory(cfg: RunConfig, base_path: str) -> WorkerMemory:
     s, b, h = cfg.data.max_length, per_rank_batch, int(config.hidden_size)
     k, inner = spec.top_k(config), int(getattr(config, spec.expert_intermediate_key))
     per_layer = s * b * h * (10 + 24 * (k * inner) / (4 * h))
-    activations = per_layer * int(config.num_hidden_layers) * width
+    layers = int(config.num_hidden_layers)
+    if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's activations exist at a time
+        activations = (layers * s * b * h + per_layer) * width
+    else:
+        activations = per_layer * layers * width
     return WorkerMemory(base=resident, trainable=16.0 * trainable_values, activations=activations)
 
 

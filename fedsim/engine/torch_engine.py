@@ -97,6 +97,8 @@ class TorchEngine:
         self.label_token_ids = torch.tensor(spec.label_token_ids, dtype=torch.long, device=self.device)
         self._body = self.model.get_base_model()
         self.top_k = family_of(self.model).top_k(self.model.config)
+        if spec.train.gradient_checkpointing:  # non-reentrant: gradients reach the LoRA factors without input grads
+            self._body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- forward ---------------------------------------------------------------------------------
     def _label_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:

@@ -147,3 +147,9 @@ def test_tensorboard_without_its_package_names_the_option(monkeypatch: pytest.Mo
 def test_async_options_that_cannot_run_are_rejected(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_gradient_checkpointing_refuses_routing_stats_read_off_training() -> None:
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing recomputes the routers"):
+        load_config(None, ["train.gradient_checkpointing=true", "train.routing_stats=during"])
+    assert load_config(None, ["train.gradient_checkpointing=true"]).train.gradient_checkpointing

@@ -69,3 +69,12 @@ def test_run_refuses_a_packing_before_any_actor_starts(ray_session, base, tmp_pa
     with pytest.raises(ConfigError, match="workers.gpus_per_worker: 0.5 packs 2 worker"):
         run(cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_keeps_one_layers_activations(base) -> None:  # type: ignore[no-untyped-def]
+    overrides, path = base
+    plain = estimate_worker_memory(load_config(None, overrides), path)
+    recomputed = estimate_worker_memory(load_config(None, [*overrides, "train.gradient_checkpointing=true"]), path)
+    per_layer = plain.activations / 2  # the tiny model has 2 layers
+    assert recomputed.activations == pytest.approx(2 * 32 * 4 * 32 * 4 + per_layer)  # 2 layer inputs s·b·h, fp32
+    assert recomputed.base == plain.base and recomputed.trainable == plain.trainable
