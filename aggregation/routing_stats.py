@@ -13,7 +13,6 @@ from typing import Self
 
 import numpy as np
 
-
 # Divides sums by counts that may be fractional (a stale update's discounted statistics): where a count is
 # 0 its sums are 0 too, so dividing by this instead gives the 0 an unused expert's mean is defined as.
 _TINY = 1e-30

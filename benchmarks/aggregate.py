@@ -40,7 +40,6 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
-
 from actors.aggregator import Aggregator  # noqa: E402
 from aggregation import ArrayReader, ClientUpdate, FedAlignMoE, FedAvg, FedMoE, PayloadLayout, RoutingStats  # noqa: E402
 from aggregation import semantic_alignment as sa  # noqa: E402

@@ -25,13 +25,12 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
-
 from aggregation.messages import ClientInstructions  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
-from fedsim.quiet import quiet_libraries  # noqa: E402
 from fedsim.engine.torch_engine import TorchEngineSpec  # noqa: E402
 from fedsim.prepare import prepare  # noqa: E402
+from fedsim.quiet import quiet_libraries  # noqa: E402
 
 
 def central_accuracy(config: str, epochs: int, overrides: list[str]) -> float:

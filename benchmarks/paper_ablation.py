@@ -35,12 +35,10 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
-
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402

@@ -23,7 +23,6 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
-
 from fedsim.config import load_config  # noqa: E402
 from fedsim.driver import run  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402

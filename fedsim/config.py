@@ -48,7 +48,10 @@ class PretrainConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: str = Field("mixtral", description="transformers model_type: mixtral | qwen3_moe | olmoe | qwen2_moe")
+    family: str = Field(
+        "mixtral",
+        description="transformers model_type: mixtral | qwen3_moe | olmoe | qwen2_moe | deepseek_v3 | switch_transformers",
+    )
     pretrained: str | None = Field(None, description="hub id or local directory; None builds from this config")
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(4, ge=1)
@@ -58,6 +61,9 @@ class ModelConfig(_Section):
     num_experts: int = Field(8, ge=2)
     top_k: int = Field(2, ge=1)
     max_position: int = Field(256, ge=16)
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="load the frozen base quantized by bitsandbytes (GPU workers, the quantization extra)"
+    )
     pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
@@ -79,8 +85,25 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     source: str = Field("gensim_topics", description="gensim_topics | synthetic | local .json/.jsonl/.csv/.parquet | hub name")
+    format: Literal["text", "mmlu", "hellaswag"] = Field(
+        "text", description="text: (text, label) classification scored by label word (AGNews); mmlu | hellaswag: "
+        "multiple choice in that schema, scored by option log-likelihood"
+    )
+    hub_config: str | None = Field(None, description="hub dataset configuration, e.g. 'all' for cais/mmlu")
+    split: str = Field("train", description="split read from a hub dataset (a local file is read as this split)")
     text_field: str = "text"
     label_field: str = "label"
+    label_words: dict[str, str] | None = Field(
+        None, description="text format: label name -> the word it is scored by (default: the label names themselves)"
+    )
+    partition_key: str | None = Field(
+        None, description="column the non-IID partition splits by; default label (text), subject (mmlu), "
+        "activity_label (hellaswag)"
+    )
+    max_option_length: int = Field(32, ge=1, description="mmlu/hellaswag: tokens kept of each option")
+    option_score: Literal["sum", "mean"] | None = Field(
+        None, description="mmlu/hellaswag: an option's log-likelihood summed or per token; default sum (mmlu), mean (hellaswag)"
+    )
     num_clients: int = Field(10, ge=1)
     partition: Literal["iid", "dirichlet", "pathological", "natural"] = "dirichlet"
     alpha: float = Field(0.1, gt=0, description="Dirichlet concentration")
@@ -93,6 +116,23 @@ class DataConfig(_Section):
     min_words: int = Field(40, ge=1, description="gensim_topics: shortest chunk of a document, in words")
     max_words: int = Field(64, ge=1, description="gensim_topics: longest chunk (longer chunks: more evidence per example)")
     max_per_class: int = Field(500, ge=1, description="gensim_topics: chunks kept per class")
+
+    @model_validator(mode="after")
+    def _format(self) -> DataConfig:
+        if self.format != "text" and self.source in ("gensim_topics", "synthetic"):
+            raise ValueError(f"format {self.format!r} reads a file or hub dataset in that schema, not source={self.source!r}")
+        return self
+
+    @property
+    def partition_by(self) -> str:
+        """The column the non-IID partition splits by."""
+        default = {"text": "label", "mmlu": "subject", "hellaswag": "activity_label"}[self.format]
+        return self.partition_key or default
+
+    @property
+    def scoring(self) -> Literal["sum", "mean"]:
+        """How an option's log-likelihood is scored."""
+        return self.option_score or ("mean" if self.format == "hellaswag" else "sum")
 
 
 class TrainConfig(_Section):
@@ -211,7 +251,10 @@ class EngineConfig(_Section):
     )
     group_size: int = Field(1, ge=1, description="deepspeed: workers per group = expert-parallel size G")
     zero_stage: int = Field(0, ge=0, le=2, description="deepspeed: ZeRO stage 0-2 (3 does not support MoE)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="deepspeed: auto is bf16 on GPUs, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU. bf16: frozen base in bf16, LoRA and routers in fp32, "
+        "forward passes under autocast (deepspeed: its bf16 mode)"
+    )
     profile_alltoall: bool = Field(False, description="deepspeed: time the all-to-all exchanges (synchronises)")
 
     @model_validator(mode="after")
@@ -327,11 +370,19 @@ class RunConfig(_Section):
                 )
             if not self.lora.experts:
                 raise ValueError("engine.backend='deepspeed' shards the experts' LoRA: it needs lora.experts=true")
+            if self.model.family == "switch_transformers":
+                raise ValueError("engine.backend='deepspeed' shards fused expert tensors; switch_transformers keeps one "
+                                 "module per expert: use engine.backend='torch'")
             gpus = self.workers.gpus_per_worker
             if gpus and gpus != int(gpus):
                 raise ValueError(f"engine.backend='deepspeed' needs whole GPUs per worker (NCCL), got workers.gpus_per_worker={gpus}")
             if self.engine.precision == "bf16" and not gpus:
                 raise ValueError("engine.precision='bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
+            if self.model.quantization != "none":
+                raise ValueError("model.quantization: the deepspeed engine shards a full-precision base; use engine.backend='torch'")
+        if self.model.quantization != "none" and not self.workers.gpus_per_worker:
+            raise ValueError(f"model.quantization={self.model.quantization!r} runs bitsandbytes' CUDA kernels: "
+                             "it needs workers.gpus_per_worker > 0")
         if self.system.policy == "async":
             if (self.system.async_buffer or 1) > self.clients_per_round:
                 raise ValueError(f"system.async_buffer={self.system.async_buffer} exceeds the clients in flight "

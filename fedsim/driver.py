@@ -260,7 +260,7 @@ def _check_gpu_memory(cfg: RunConfig, prepared: PreparedRun) -> None:
     gpu = cfg.workers.gpu_memory_gib * GIB if cfg.workers.gpu_memory_gib else gpu_total_bytes(cfg.workers.gpus_per_worker)
     if gpu is None:
         return  # no GPU in the cluster: the resource check names that
-    need = estimate_worker_memory(cfg, prepared.base_path)
+    need = estimate_worker_memory(cfg, prepared.base_path, num_options=max(1, prepared.num_options))
     if cfg.engine.backend == "torch" and torch.cuda.is_available():  # calibrate on the driver's GPU
         need = measure_worker_memory(cfg, prepared)
     log.info("GPU memory per worker: %s; GPU %.1f GiB", need.describe(), gpu / GIB)
@@ -323,14 +323,16 @@ def _execute(
     return RunResult(run_dir, table.rounds_frame(), table.clients_frame(), table.comm_frame())
 
 
-def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
-    """The run's worker pool: n torch workers, or n deepspeed groups of engine.group_size workers."""
+def engine_spec(cfg: RunConfig, prepared: PreparedRun) -> TorchEngineSpec:
+    """The recipe each worker builds its engine from: the torch engine's, or the deepspeed engine's."""
     w, engine = cfg.workers, cfg.engine
     common = dict(
         base_path=prepared.base_path,
         train_path=prepared.train_path,
         test_path=prepared.test_path,
         label_token_ids=prepared.label_token_ids,
+        task=prepared.task,
+        option_score=cfg.data.scoring,
         lora=cfg.lora,
         train=cfg.train,
         threads=max(1, int(w.cpus_per_worker)),
@@ -338,19 +340,26 @@ def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
         device="cuda" if w.gpus_per_worker > 0 else "cpu",
         faults=cfg.faults,
         compression=cfg.compression,
+        precision=engine.precision if engine.precision != "auto" else ("bf16" if w.gpus_per_worker > 0 else "fp32"),
+        quantization=cfg.model.quantization,
     )
-    restarts = dict(max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
     if engine.backend == "torch":
-        log.info("starting %d workers (%g CPU, %g GPU each)", n, w.cpus_per_worker, w.gpus_per_worker)
-        return WorkerPool(TorchEngineSpec(**common), num_workers=n, cpus_per_worker=w.cpus_per_worker,  # type: ignore[arg-type]
-                          gpus_per_worker=w.gpus_per_worker, spread=w.placement == "spread", **restarts)
+        return TorchEngineSpec(**common)  # type: ignore[arg-type]
     from fedsim.engine.deepspeed_engine import DeepSpeedEngineSpec  # deepspeed is imported only when used
 
-    precision = engine.precision if engine.precision != "auto" else ("bf16" if w.gpus_per_worker > 0 else "fp32")
-    spec = DeepSpeedEngineSpec(**common, zero_stage=engine.zero_stage, precision=precision,  # type: ignore[arg-type]
-                               profile_alltoall=engine.profile_alltoall)
+    return DeepSpeedEngineSpec(**common, zero_stage=engine.zero_stage, profile_alltoall=engine.profile_alltoall)  # type: ignore[arg-type]
+
+
+def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
+    """The run's worker pool: n torch workers, or n deepspeed groups of engine.group_size workers."""
+    w, engine = cfg.workers, cfg.engine
+    spec = engine_spec(cfg, prepared)
+    if engine.backend == "torch":
+        log.info("starting %d workers (%g CPU, %g GPU each, %s)", n, w.cpus_per_worker, w.gpus_per_worker, spec.precision)
+        return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
+                          spread=w.placement == "spread", max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
     log.info("starting %d deepspeed groups of %d workers (%g CPU, %g GPU each; ZeRO %d, %s)", n, engine.group_size,
-             w.cpus_per_worker, w.gpus_per_worker, engine.zero_stage, precision)
+             w.cpus_per_worker, w.gpus_per_worker, engine.zero_stage, spec.precision)
     return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
                       group_size=engine.group_size)
 

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -38,8 +39,10 @@ from fedsim.data import (
     split_by_document,
     train_bpe_tokenizer,
 )
+from fedsim.data.choice import ChoiceTask
+from fedsim.data.choice_sources import load_choice_dataset
 from fedsim.models import build_model, family_spec
-from fedsim.models.pretrain import pretrain_causal_lm
+from fedsim.models.pretrain import pretrain_lm
 
 log = logging.getLogger("fedsim")
 
@@ -48,7 +51,12 @@ BASE_RECIPE = 2  # 2: pretrained on whole training documents (load_pretraining_t
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """Paths and partitions a run is built from (all picklable and small)."""
+    """Paths and partitions a run is built from (all picklable and small).
+
+    ``task`` says how examples are scored: ``label_word`` (one candidate word
+    per label, ``label_names`` / ``label_token_ids``) or ``choice`` (each
+    example's own options, by log-likelihood; no label words).
+    """
 
     base_path: str
     train_path: str
@@ -59,6 +67,8 @@ class PreparedRun:
     partition_hash: str
     n_train: int
     n_test: int
+    task: Literal["label_word", "choice"] = "label_word"
+    num_options: int = 0  # options per example of a multiple-choice task
 
 
 def _digest(obj: object) -> str:
@@ -81,20 +91,23 @@ def _cached(path: Path, build: Callable[[Path], None]) -> Path:
 
 
 def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
-    """The labelled corpus the config names, with its label names."""
+    """The labelled corpus the config names, with its label names (none for multiple choice)."""
     d = cfg.data
+    if d.format != "text":
+        return load_choice_dataset(d.source, format=d.format, split=d.split, hub_config=d.hub_config), ()
     if d.source == "gensim_topics":
         ds = load_topic_corpus(min_words=d.min_words, max_words=d.max_words, max_per_class=d.max_per_class)
     elif d.source == "synthetic":
         ds = make_synthetic_corpus(docs_per_label=d.synthetic_docs_per_label, words_per_doc=40, seed=d.split_seed)
     else:
-        ds = load_text_dataset(d.source, text_field=d.text_field, label_field=d.label_field)
+        ds = load_text_dataset(d.source, split=d.split, text_field=d.text_field, label_field=d.label_field)
     names = getattr(ds.features.get("label"), "names", None)
     return ds, tuple(names) if names else tuple(f"label{i}" for i in sorted(set(ds["label"])))
 
 
-# Data settings that only decide who gets which row: they never change the corpus, the base or the encoding.
-PARTITION_ONLY = {"num_clients", "partition", "alpha", "labels_per_client", "min_examples"}
+# Data settings that only decide who gets which row, or how an option is scored: they never change the corpus,
+# the base or the encoding.
+PARTITION_ONLY = {"num_clients", "partition", "alpha", "labels_per_client", "min_examples", "partition_key", "option_score"}
 
 
 def _base_key(cfg: RunConfig) -> str:
@@ -143,7 +156,7 @@ def prepare_base(cfg: RunConfig, train_texts: list[str], label_names: tuple[str,
             torch.set_num_threads(os.cpu_count() or 1)
             task = TopicTask(tokenizer, list(label_names), cfg.data.max_length)
             blocks = task.encode_for_lm(train_texts, m.pretrain.block_size)
-            pretrain_causal_lm(
+            pretrain_lm(
                 model,
                 blocks,
                 steps=m.pretrain.steps,
@@ -159,21 +172,46 @@ def prepare_base(cfg: RunConfig, train_texts: list[str], label_names: tuple[str,
     return _cached(Path(cfg.cache_dir) / key, build)
 
 
-def _encode(task: TopicTask, ds: datasets.Dataset) -> datasets.Dataset:
+def _encode(task: TopicTask | ChoiceTask, ds: datasets.Dataset) -> datasets.Dataset:
     return ds.map(task.encode, batched=True, remove_columns=ds.column_names, desc=None)
+
+
+def label_words(cfg: RunConfig, label_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The word each label is scored by, in label order: ``data.label_words[name]`` when set, else the name.
+
+    A mapping by name, not a list by position: the label order depends on the
+    source (a hub ClassLabel's order, or sorted names from a local file).
+    """
+    words = cfg.data.label_words
+    if words is None:
+        return label_names
+    missing = [name for name in label_names if name not in words]
+    extra = sorted(set(words) - set(label_names))
+    if missing or extra:
+        problem = f"no word for label {missing[0]!r}" if missing else f"{extra[0]!r} is not a label"
+        raise ConfigError(f"data.label_words: {problem} (labels: {list(label_names)})")
+    return tuple(words[name] for name in label_names)
 
 
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Build or reuse the base and the encoded splits, and partition the training split."""
     family_spec(cfg.model.family)  # an unknown family fails before any data is read
     raw, label_names = load_raw(cfg)
+    words = label_words(cfg, label_names)
     train, test = split_by_document(raw, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
-    base = prepare_base(cfg, pretraining_texts(cfg, train, test), label_names)
+    base = prepare_base(cfg, pretraining_texts(cfg, train, test), words)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
     except OSError as exc:
         raise ConfigError(f"model.pretrained: no tokenizer could be loaded from {base}: {str(exc).splitlines()[0]}") from None
-    task = TopicTask(tokenizer, list(label_names), cfg.data.max_length)
+    if tokenizer.pad_token_id is None:  # many decoder-only checkpoints ship none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    task: TopicTask | ChoiceTask
+    if cfg.data.format == "text":
+        task = TopicTask(tokenizer, list(words), cfg.data.max_length)
+    else:
+        task = ChoiceTask(tokenizer, num_options=len(raw[0]["options"]), max_context_tokens=cfg.data.max_length,
+                          max_option_tokens=cfg.data.max_option_length)
     data_key = _digest({"base": str(base.resolve()), "split": _base_key(cfg), "max_length": cfg.data.max_length,
                         "fields": [cfg.data.text_field, cfg.data.label_field]})
     data_dir = Path(cfg.cache_dir) / f"data-{data_key}"
@@ -190,6 +228,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         seed=cfg.seed,
         alpha=cfg.data.alpha,
         labels_per_client=cfg.data.labels_per_client,
+        label_key=cfg.data.partition_by,
         min_examples=cfg.data.min_examples,
     )
     return PreparedRun(
@@ -197,10 +236,12 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         train_path=str(data_dir / "train"),
         test_path=str(data_dir / "test"),
         label_names=label_names,
-        label_token_ids=tuple(int(t) for t in task.label_token_ids.tolist()),
+        label_token_ids=tuple(int(t) for t in task.label_token_ids.tolist()) if isinstance(task, TopicTask) else (),
         partitions=tuple(parts),
         partition_hash=partition_hash(parts),
         n_train=len(train),
         n_test=len(test),
+        task="label_word" if isinstance(task, TopicTask) else "choice",
+        num_options=0 if isinstance(task, TopicTask) else task.num_options,
     )
 

@@ -9,8 +9,8 @@ from aggregation.fedalign_moe import FedAlignMoE, FedAlignOptions
 from aggregation.fedavg import FedAvg
 from aggregation.fedmoe import FedMoE
 from aggregation.fedprox import FedProx
-from aggregation.pfl_moe import PFLMoE
 from aggregation.payload import PayloadLayout
+from aggregation.pfl_moe import PFLMoE
 from aggregation.strategy import Strategy
 from fedsim.config import StrategyConfig
 

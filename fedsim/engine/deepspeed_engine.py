@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import deepspeed
 import numpy as np
@@ -42,7 +42,6 @@ class DeepSpeedEngineSpec(TorchEngineSpec):
     """The torch engine's recipe plus how DeepSpeed runs it; built by each rank with its GroupContext."""
 
     zero_stage: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
     profile_alltoall: bool = False
     timeout_s: float = 600.0
 
@@ -54,6 +53,7 @@ class DeepSpeedEngine(TorchEngine):
     """A TorchEngine whose experts live sharded over a torch.distributed group, trained through DeepSpeed."""
 
     spec: DeepSpeedEngineSpec
+    own_precision = True  # DeepSpeed's bf16 mode casts the model and keeps fp32 master weights itself
 
     def __init__(self, spec: DeepSpeedEngineSpec, group: GroupContext) -> None:
         self.group = group

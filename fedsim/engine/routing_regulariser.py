@@ -9,6 +9,7 @@ trainable parameters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ RegForm = Literal["token", "batch"]
 
 def routing_regulariser(
     probs: list[torch.Tensor],
-    mask: torch.Tensor | None,
+    masks: Sequence[torch.Tensor | None],
     p_g: torch.Tensor,
     alpha: torch.Tensor,
     *,
@@ -31,8 +32,8 @@ def routing_regulariser(
     ----------
     probs : list of Tensor [tokens, E]
         Router probabilities p(x) of each MoE layer, with their autograd graph.
-    mask : Tensor [tokens] of bool, or None
-        Real (non-padding) tokens; None counts every token.
+    masks : sequence of (Tensor [tokens] of bool, or None)
+        Per MoE layer, its real (non-padding) tokens; None counts every token.
     p_g : Tensor [L, E]
         Global routing distribution of the previous round.
     alpha : Tensor [L, E]
@@ -45,7 +46,7 @@ def routing_regulariser(
     """
     eps = 1e-12
     terms = []
-    for layer, p in enumerate(probs):
+    for layer, (p, mask) in enumerate(zip(probs, masks, strict=True)):
         if mask is not None:
             p = p[mask]
         log_ratio = torch.log(p.clamp_min(eps)) - torch.log(p_g[layer].clamp_min(eps))

@@ -13,19 +13,27 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aggregation.compression import encode
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
-from aggregation.compression import encode
 from aggregation.payload import PayloadLayout
 from aggregation.routing_stats import RoutingStats
 from fedsim.config import CompressionConfig, FaultsConfig, LoraConfig, TrainConfig
+from fedsim.data.choice import ChoiceBatch, ChoiceSplit
 from fedsim.data.encoded import EncodedBatch, EncodedSplit
+from fedsim.engine.option_scoring import (
+    OptionScore,
+    label_word_scores,
+    option_loss,
+    option_scores,
+    token_log_likelihoods,
+)
 from fedsim.engine.routing_regulariser import routing_regulariser
 from fedsim.models import (
     RoutingRecorder,
@@ -36,6 +44,7 @@ from fedsim.models import (
     read_payload,
     write_payload,
 )
+from fedsim.models.registry import Quantization
 from fedsim.quiet import quiet_libraries
 
 
@@ -54,6 +63,10 @@ class TorchEngineSpec:
     device: str = "cpu"
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    quantization: Quantization = "none"
+    task: Literal["label_word", "choice"] = "label_word"
+    option_score: OptionScore = "sum"
 
     def __call__(self) -> TorchEngine:
         return TorchEngine(self)
@@ -69,7 +82,14 @@ class EvalChunk:
 
 
 class TorchEngine:
-    """One resident model; ``train`` runs one client, ``evaluate`` scores test chunks."""
+    """One resident model; ``train`` runs one client, ``evaluate`` scores test chunks.
+
+    In bf16 the frozen base is held in bf16 while the trainable slots (LoRA
+    factors, routers) stay fp32, so optimiser steps and the payload keep full
+    precision; forward passes run under autocast.
+    """
+
+    own_precision = False  # True: a subclass whose framework casts the model itself
 
     def __init__(self, spec: TorchEngineSpec) -> None:
         # One thread per CPU the worker holds: oversubscribed threads ran 17x slower here.
@@ -77,7 +97,10 @@ class TorchEngine:
         quiet_libraries()
         self.spec = spec
         self.device = torch.device(spec.device)
-        base = load_pretrained(spec.base_path)
+        self._bf16 = spec.precision == "bf16" and not self.own_precision
+        half = self._bf16 or spec.quantization != "none"
+        base = load_pretrained(spec.base_path, dtype=torch.bfloat16 if half else None, quantization=spec.quantization,
+                               device=spec.device)
         self.model = apply_lora(
             base,
             rank=spec.lora.rank,
@@ -87,22 +110,105 @@ class TorchEngine:
             lora_experts=spec.lora.experts,
             seed=spec.lora_seed,  # identical LoRA init on every worker
         )
+        if half:
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         self.layout: PayloadLayout = build_layout(self.model)
         self.initial_payload = read_payload(self.model, self.layout)
         self._place()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._prox_weights = [1.0] * len(self.trainable)
-        self.train_split = EncodedSplit.load(spec.train_path)
-        self.test_split = EncodedSplit.load(spec.test_path)
+        split = ChoiceSplit if spec.task == "choice" else EncodedSplit
+        self.train_split: EncodedSplit | ChoiceSplit = split.load(spec.train_path)
+        self.test_split: EncodedSplit | ChoiceSplit = split.load(spec.test_path)
         self.label_token_ids = torch.tensor(spec.label_token_ids, dtype=torch.long, device=self.device)
         self._body = self.model.get_base_model()
+        self._seq2seq = bool(getattr(self._body.config, "is_encoder_decoder", False))
+        pad = self._body.config.pad_token_id
+        self._pad_id = 0 if pad is None else int(pad)  # fills masked positions only: any valid id does
         self.top_k = family_of(self.model).top_k(self.model.config)
         if spec.train.gradient_checkpointing:  # non-reentrant: gradients reach the LoRA factors without input grads
             self._body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- forward ---------------------------------------------------------------------------------
-    def _label_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits at each example's label position [B, V] (lm_head on B rows only)."""
+    def _examples(
+        self, batch: EncodedBatch | ChoiceBatch, recorder: RoutingRecorder | None = None, counted: bool = True,
+        reduction: Literal["mean", "sum"] = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss of a batch of examples, each example's candidate scores [B, C] (label words or options), labels [B]."""
+        if isinstance(batch, ChoiceBatch):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+                scores, summed, label = self._option_scores(batch, recorder, counted)
+            lengths = torch.from_numpy(batch.option_len).to(self.device)
+            return option_loss(scores, summed, lengths, label, self.spec.train.loss, reduction), scores, label
+        ids, mask, pos, tok, label = self._tensors(batch)
+        logits = self._label_logits(ids, mask, pos, recorder, counted)
+        return self._loss(logits, tok, label, reduction), label_word_scores(logits, self.label_token_ids), label
+
+    def _option_scores(
+        self, batch: ChoiceBatch, recorder: RoutingRecorder | None, counted: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each option's score and summed log-likelihood [B, N], and the labels [B].
+
+        A causal LM reads every (context, option) row once and applies the
+        output layer only where an option token is predicted. An
+        encoder-decoder encodes each context once, shares it among the
+        example's N options, and decodes every option with teacher forcing.
+        """
+        config, n, to = self._body.config, batch.num_options, self.device
+        if self._seq2seq:
+            packed = batch.pack_encoder_decoder(config.decoder_start_token_id, self._pad_id)
+            enc_ids, enc_mask, dec_ids, targets = (torch.from_numpy(a).to(to) for a in packed)
+            real = targets != -100
+            if recorder is not None:
+                recorder.set_mask(enc_mask * counted, real * counted)
+            encoded = self._body.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
+            encoded.last_hidden_state = encoded.last_hidden_state.repeat_interleave(n, dim=0)  # one per option
+            out = self._body(encoder_outputs=encoded,
+                             attention_mask=enc_mask.repeat_interleave(n, dim=0), decoder_input_ids=dec_ids, use_cache=False)
+            rows, cols = real.nonzero(as_tuple=True)
+            logits, tokens = out.logits[rows, cols], targets[rows, cols]
+        else:
+            ids, mask, target = (torch.from_numpy(a).to(to) for a in batch.pack_decoder_only(self._pad_id))
+            if recorder is not None:
+                recorder.set_mask(mask * counted)
+            hidden = self._body.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            rows, cols = target.nonzero(as_tuple=True)
+            logits, tokens = self._body.lm_head(hidden[rows, cols - 1]), ids[rows, cols]  # token t follows position t-1
+        ll = token_log_likelihoods(logits, tokens)
+        scores, summed = option_scores(ll, rows, len(batch) * n, n, self.spec.option_score)
+        return scores, summed, torch.from_numpy(batch.label).to(to)
+
+    def _label_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_pos: torch.Tensor,
+        recorder: RoutingRecorder | None = None, counted: bool = True,
+    ) -> torch.Tensor:
+        """Vocabulary logits for each example's label word [B, V], with the recorder's masks set for the pass.
+
+        A causal LM reads them at the label position (lm_head on B rows only).
+        An encoder-decoder (text-to-text) encodes the prompt alone and reads
+        them at the decoder's first step, from its start token. ``counted``
+        False: the pass's tokens add nothing to the routing statistics.
+        """
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+            return self._forward_label(input_ids, attention_mask, label_pos, recorder, counted).float()
+
+    def _forward_label(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_pos: torch.Tensor,
+        recorder: RoutingRecorder | None, counted: bool,
+    ) -> torch.Tensor:
+        if self._seq2seq:
+            config = self._body.config
+            prompt = attention_mask * (torch.arange(input_ids.shape[1], device=input_ids.device) <= label_pos[:, None])
+            start = torch.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=input_ids.dtype, device=input_ids.device)
+            if recorder is not None:
+                recorder.set_mask(prompt if counted else torch.zeros_like(prompt), torch.full_like(start, int(counted)))
+            out = self._body(input_ids=input_ids.masked_fill(prompt == 0, self._pad_id), attention_mask=prompt,
+                             decoder_input_ids=start, use_cache=False)
+            return out.logits[:, 0]
+        if recorder is not None:
+            recorder.set_mask(attention_mask if counted else torch.zeros_like(attention_mask))
         hidden = self._body.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self._body.lm_head(hidden[rows, label_pos])
@@ -117,7 +223,7 @@ class TorchEngine:
     def _loss(self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the label word: over the label words only, or over the whole vocabulary."""
         if self.spec.train.loss == "label_words":
-            return F.cross_entropy(logits[:, self.label_token_ids], label, reduction=reduction)
+            return F.cross_entropy(label_word_scores(logits, self.label_token_ids), label, reduction=reduction)
         return F.cross_entropy(logits, tok, reduction=reduction)
 
     def _tensors(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
@@ -173,21 +279,19 @@ class TorchEngine:
                     if cfg.local_steps is not None and steps >= cfg.local_steps:
                         break
                     rows, share = self._my_rows(order[lo : lo + cfg.batch_size])
-                    ids, mask, pos, tok, label = self._tensors(data.rows(rows))
-                    if recorder is not None:
-                        recorder.set_mask(mask)
-                    loss = self._loss(self._label_logits(ids, mask, pos), tok, label)
+                    batch = data.rows(rows)
+                    loss, _, _ = self._examples(batch, recorder)
                     total = loss * share
                     if regularise:
                         # FedAlign-MoE: L = L_task + λ·L_reg toward p_g (spec, Module 1 regularisation).
-                        reg = routing_regulariser(recorder.probs, recorder.mask, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg)
+                        reg = routing_regulariser(recorder.probs, recorder.masks, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg)
                         total = total + instructions.reg_lambda * reg
                     if anchor is not None:
                         # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
                         prox = sum(w * ((p - a) ** 2).sum() for p, a, w in zip(self.trainable, anchor, self._prox_weights, strict=True))
                         total = total + 0.5 * instructions.prox_mu * prox
                     step(total)
-                    batch_loss, batch_seen = self._sum([loss.item() * len(ids) * (share > 0), len(ids) * (share > 0)])
+                    batch_loss, batch_seen = self._sum([loss.item() * len(batch) * (share > 0), len(batch) * (share > 0)])
                     if not np.isfinite(batch_loss):
                         raise ClientFailure(cid, rnd, f"training loss became {batch_loss / batch_seen} at step {steps}")
                     loss_sum += batch_loss
@@ -238,39 +342,37 @@ class TorchEngine:
         )
 
     @torch.no_grad()
-    def _routing_stats(self, data: EncodedBatch) -> tuple[RoutingStats, ...]:
+    def _routing_stats(self, data: EncodedBatch | ChoiceBatch) -> tuple[RoutingStats, ...]:
         """Spec: one no-grad pass over the client's training data after local training."""
         self.model.eval()
         bs = self.spec.train.batch_size * 2
         with RoutingRecorder(self.model) as recorder:
             for lo in range(0, len(data), bs):
                 rows, share = self._my_rows(np.arange(lo, min(lo + bs, len(data))))
-                ids, mask, _, _, _ = self._tensors(data.rows(rows))
-                recorder.set_mask(mask if share > 0 else torch.zeros_like(mask))  # a stand-in row counts nothing
-                self._body.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                self._examples(data.rows(rows), recorder, counted=share > 0)  # a stand-in row counts nothing
             return self._sum_stats(recorder.stats())
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[EvalChunk]:
-        """Loss and accuracy on test rows [lo, hi) of each chunk; accuracy by argmax over the label words."""
+        """Loss and accuracy on test rows [lo, hi) of each chunk; accuracy by argmax over the label words or options."""
         self._load(payload)
         self.model.eval()
         out = []
         for lo, hi in chunks:
             rows, share = self._my_rows(np.arange(lo, hi))
-            ids, mask, pos, tok, label = self._tensors(self.test_split.take(rows))
-            logits = self._label_logits(ids, mask, pos)
-            loss = self._loss(logits, tok, label, reduction="sum").item()
-            pred = logits[:, self.label_token_ids].argmax(dim=-1)
+            summed, scores, label = self._examples(self.test_split.take(rows), reduction="sum")
+            loss, pred = summed.item(), scores.argmax(dim=-1)
             loss, correct = self._sum([loss * (share > 0), float((pred == label).sum().item()) * (share > 0)])
             out.append(EvalChunk(loss, int(correct), hi - lo))
         return out
 
     # -- what a worker group (fedsim.engine.deepspeed_engine) does differently -----------------------
     def _place(self) -> None:
-        """Move the adapted model to its device (the layout and initial payload are read before)."""
-        self.model.to(self.device)
+        """Move the adapted model to its device (the layout and initial payload are read before); a quantized
+        base was placed as it loaded."""
+        if self.spec.quantization == "none":
+            self.model.to(self.device)
 
     def _load(self, payload: np.ndarray) -> None:
         """Write the payload into the model's trainable slots."""

@@ -19,7 +19,9 @@ every way experts are stacked:
   tensor itself, ``axis`` 0, entry shape (d_out, d_in).
 
 So each expert's entry holds exactly its own LoRA factors A_e, B_e (see
-``fedsim.models.lora``), whatever the stacking.
+``fedsim.models.lora``), whatever the stacking. A family that keeps each
+expert as its own module (SwitchTransformers) needs no view: every trainable
+tensor inside expert e's module is an entry of expert e as it stands.
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ def build_layout(model: nn.Module) -> PayloadLayout:
     spec = family_of(model)
     routers = {id(p): layer for layer, router in enumerate(spec.routers(model)) for p in router.parameters()}
     experts = _expert_tensors(model)
+    owned = _expert_module_tensors(model)
     specs: list[EntrySpec] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if id(param) in experts:
+        if id(param) in owned:
+            layer, expert = owned[id(param)]
+            specs.append(EntrySpec(name, "expert", layer, expert, tuple(param.shape)))
+        elif id(param) in experts:
             layer, axis, piece = experts[id(param)]
             num_experts = param.numel() // int(np.prod(piece))
             specs.extend(EntrySpec(name, "expert", layer, e, piece, axis, e, e + 1) for e in range(num_experts))
@@ -108,6 +114,8 @@ def _expert_tensors(model: nn.Module) -> _ExpertTensors:
     """Every tensor stacked over experts in the MoE layers: peft's factors and the fused weights."""
     spec = family_of(model)
     out: _ExpertTensors = {}
+    if not spec.fused_experts:
+        return out
     for layer, module in enumerate(spec.experts_modules(model)):
         while isinstance(module, ParamWrapper):  # one wrapper per targeted tensor, nested
             for adapter in module.lora_A:
@@ -121,6 +129,19 @@ def _expert_tensors(model: nn.Module) -> _ExpertTensors:
             fused = getattr(module, name)  # [E, d_out, d_in]
             out[id(fused)] = (layer, 0, tuple(fused.shape[1:]))
     return out
+
+
+def _expert_module_tensors(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """id(parameter) → (MoE layer, expert) for every tensor inside a per-expert module (none for fused families)."""
+    spec = family_of(model)
+    if spec.fused_experts:
+        return {}
+    return {
+        id(p): (layer, expert)
+        for layer, module in enumerate(spec.experts_modules(model))
+        for expert, child in enumerate(module.children())
+        for p in child.parameters()
+    }
 
 
 def _parameters(model: nn.Module, layout: PayloadLayout) -> dict[str, nn.Parameter]:

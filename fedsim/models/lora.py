@@ -13,6 +13,11 @@ as out × in, e.g. ``gate_up_proj`` [E, 2I, H]):
 - ΔW_e = (α / r) · B_e A_e, with A_e [r, d_in], B_e [d_out, r].
 
 The payload layout (``fedsim.models.layout``) splits both along these axes.
+
+A family that keeps each expert as its own module (SwitchTransformers:
+``experts.expert_e.wi``/``wo``, one ``nn.Linear`` each) gets peft's plain LoRA
+``Linear`` on each expert's projections instead: expert e's factors are then
+whole tensors of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from aggregation.errors import ConfigError
-from fedsim.models.registry import family_of
+from fedsim.models.registry import FamilySpec, family_of
 
 
 def apply_lora(
@@ -74,8 +79,8 @@ def apply_lora(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,  # set per attention adapter below; ParamWrapper rejects any other value
-        target_modules=list(spec.attention_projections) if lora_attention else None,
-        target_parameters=list(spec.target_parameters) if lora_experts else None,
+        target_modules=_target_modules(spec, lora_attention=lora_attention, lora_experts=lora_experts),
+        target_parameters=list(spec.target_parameters) if lora_experts and spec.fused_experts else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -83,14 +88,28 @@ def apply_lora(
         if lora_attention:
             _adapt_shared_experts(peft_model, config)
     if dropout > 0.0:
+        in_experts = {id(m) for experts in spec.experts_modules(peft_model) for m in experts.modules()}
         for module in peft_model.modules():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, LoraLinear) and id(module) not in in_experts:  # experts get none in every family
                 for adapter in module.lora_dropout:
                     module.lora_dropout[adapter] = nn.Dropout(p=dropout)
     for router in spec.routers(peft_model):
         for param in router.parameters():
             param.requires_grad_(True)
     return peft_model
+
+
+def _target_modules(spec: FamilySpec, *, lora_attention: bool, lora_experts: bool) -> list[str] | str | None:
+    """peft's ``target_modules``: the attention projections by name, plus, for a family with one module per
+    expert, a full-match regex over each expert's projections (the dense layers' FFNs share their names)."""
+    if not spec.expert_linears:
+        return list(spec.attention_projections) if lora_attention else None
+    patterns = []
+    if lora_attention:
+        patterns.append(rf".*\.({'|'.join(spec.attention_projections)})")
+    if lora_experts:
+        patterns.append(rf".*\.{spec.moe_block.split('.')[-1]}\.{spec.experts}\.[^.]+\.({'|'.join(spec.expert_linears)})")
+    return "|".join(f"(?:{p})" for p in patterns)
 
 
 def _adapt_shared_experts(peft_model: PeftModel, config: LoraConfig) -> None:

@@ -1,8 +1,11 @@
-"""Causal-LM pretraining of a tiny base model, so that LoRA fine-tunes a model that knows the text.
+"""Language-model pretraining of a tiny base model, so that LoRA fine-tunes a model that knows the text.
 
 No weights can be downloaded here, and LoRA on a random frozen model is not
 what users do: the demo pretrains its base once (full parameters) and caches
-it with ``save_pretrained``, to be loaded back through ``from_pretrained``.
+it with ``save_pretrained``, to be loaded back through ``from_pretrained``. A
+causal LM learns next tokens over whole blocks; an encoder-decoder learns to
+continue the first half of a block, encoded, with its second half (a
+prefix-LM objective, the shape of its text-to-text fine-tuning).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from transformers import PreTrainedModel
 log = logging.getLogger("fedsim")
 
 
-def pretrain_causal_lm(
+def pretrain_lm(
     model: PreTrainedModel,
     blocks: np.ndarray,
     *,
@@ -48,13 +51,18 @@ def pretrain_causal_lm(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     data = torch.from_numpy(blocks.astype(np.int64))
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    half = blocks.shape[1] // 2
     losses: list[float] = []
     columns = (TextColumn("pretrain base"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
         task = bar.add_task("pretrain", total=steps, loss=float("nan"))
         for step in range(steps):
             batch = data[gen.integers(0, len(data), size=batch_size)]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if seq2seq:
+                loss = model(input_ids=batch[:, :half], labels=batch[:, half:].contiguous(), use_cache=False).loss
+            else:
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

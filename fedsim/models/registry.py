@@ -5,21 +5,28 @@ payload layout, the routing hooks) asks a :class:`FamilySpec` instead of
 matching parameter names, so supporting a new family is one entry in
 ``FAMILIES``. Families are keyed by transformers' ``config.model_type``.
 
-Every family here (transformers 5.17–5.22) keeps, in every MoE decoder layer
-``model.layers[i].mlp``:
+Every decoder-only family here (transformers 5.17–5.22) keeps, in every MoE
+decoder layer ``model.layers[i].mlp``:
 
 - ``gate``: a top-k router module holding ``weight`` [E, H] and returning
   ``(logits [tokens, E], top-k weights, top-k indices)``;
 - ``experts``: one module holding the fused expert weights
   ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], run by
   transformers' default experts implementation (``grouped_mm``).
+
+SwitchTransformers (encoder-decoder, top-1) differs in every one of these:
+its sparse blocks sit in two stacks, ``encoder.block`` and ``decoder.block``,
+each at ``layer[-1].mlp``; the router ``router`` wraps an ``nn.Linear``
+``classifier`` and returns ``(dispatch one-hot, top-1 probability, logits)``;
+``experts`` is a ``ModuleDict`` of separate FFNs whose ``wi``/``wo`` are one
+``nn.Linear`` each. The spec fields below describe both layouts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +36,8 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    DeepseekV2Config,
     DeepseekV3Config,
     MixtralConfig,
     OlmoeConfig,
@@ -36,6 +45,7 @@ from transformers import (
     PreTrainedModel,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
+    SwitchTransformersConfig,
 )
 
 from aggregation.errors import ConfigError
@@ -51,17 +61,24 @@ class FamilySpec:
         transformers' ``config.model_type``, the registry key.
     config_class : type of PretrainedConfig
         Config used to build a model from scratch.
-    layers : str
-        Dotted path from the causal LM to its list of decoder layers.
+    layers : tuple of str
+        Dotted paths from the model to its lists of layers (one per stack:
+        the decoder; or the encoder, then the decoder). MoE layers are
+        numbered across the stacks in this order.
     moe_block : str
-        Attribute of a decoder layer holding its MoE block (a dense layer's
-        MLP at the same attribute has no router and is skipped).
+        Dotted path from a layer to its MoE block; an integer part indexes a
+        module list (``layer.-1.mlp``). A dense layer's MLP at the same path has
+        no router and is skipped.
     router : str
         Attribute of the MoE block holding the router module.
     experts : str
         Attribute of the MoE block holding the fused experts module.
     expert_parameters : tuple of str
         Parameters of the experts module stacked over experts on axis 0.
+    expert_linears : tuple of str
+        Names of each expert's own ``nn.Linear`` projections, for families
+        that keep experts as separate modules (``experts[i].<name>``); LoRA
+        targets them as modules.
     attention_projections : tuple of str
         Module names of the attention projections LoRA adapts.
     num_experts_key, expert_intermediate_key : str
@@ -76,6 +93,11 @@ class FamilySpec:
     derived_config : callable or None
         Config values a built model derives from the generic options (e.g.
         a shared expert as wide as a routed one, attention head dimensions).
+    top_k_key : str or None
+        Config key of k; None for a family that always routes top-1.
+    router_returns : {"logits_weights_indices", "dispatch_probs_logits"}
+        What the router module returns: ``(logits, top-k weights, top-k
+        indices)``, or Switch's ``(dispatch one-hot, top-1 probability, logits)``.
     router_scores : {"softmax", "sigmoid"}
         How the router turns logits into expert scores: the routing
         distribution p(x) is the softmax, or the sigmoid scores normalised to
@@ -84,7 +106,7 @@ class FamilySpec:
 
     model_type: str
     config_class: type[PretrainedConfig]
-    layers: str
+    layers: tuple[str, ...]
     moe_block: str
     router: str
     experts: str
@@ -92,6 +114,9 @@ class FamilySpec:
     attention_projections: tuple[str, ...]
     num_experts_key: str
     expert_intermediate_key: str
+    expert_linears: tuple[str, ...] = ()
+    top_k_key: str | None = "num_experts_per_tok"
+    router_returns: Literal["logits_weights_indices", "dispatch_probs_logits"] = "logits_weights_indices"
     shared_projections: tuple[str, ...] = ()
     fixed_config: tuple[tuple[str, object], ...] = ()
     derived_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -108,9 +133,23 @@ class FamilySpec:
         The position in this list is the MoE layer index ℓ used by the payload
         layout and the routing statistics; dense layers do not count.
         """
-        layers = reduce(getattr, self.layers.split("."), _unwrap(model))
-        blocks = (getattr(layer, self.moe_block, None) for layer in layers)
-        return [b for b in blocks if b is not None and hasattr(b, self.router) and hasattr(b, self.experts)]
+        return [block for _, block in self._blocks(model)]
+
+    def moe_stacks(self, model: nn.Module) -> list[int]:
+        """For each MoE layer ℓ, the index of its stack in ``layers`` (0 for every layer of a decoder-only model)."""
+        return [stack for stack, _ in self._blocks(model)]
+
+    def _blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
+        found = []
+        for stack, path in enumerate(self.layers):
+            for layer in _resolve(_unwrap(model), path):
+                try:
+                    block = _resolve(layer, self.moe_block)
+                except (AttributeError, IndexError):
+                    continue
+                if hasattr(block, self.router) and hasattr(block, self.experts):
+                    found.append((stack, block))
+        return found
 
     def routers(self, model: nn.Module) -> list[nn.Module]:
         """The router module of each MoE layer, in layer order."""
@@ -125,8 +164,13 @@ class FamilySpec:
         return int(getattr(config, self.num_experts_key))
 
     def top_k(self, config: PretrainedConfig) -> int:
-        """k of the top-k routing; ``num_experts_per_tok`` in both families."""
-        return int(config.num_experts_per_tok)
+        """k of the top-k routing (1 for a top-1 family)."""
+        return 1 if self.top_k_key is None else int(getattr(config, self.top_k_key))
+
+    @property
+    def fused_experts(self) -> bool:
+        """Whether the experts are stacked tensors (peft ``target_parameters``) rather than modules."""
+        return bool(self.expert_parameters)
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -136,7 +180,7 @@ def _fused_family(model_type: str, config_class: type[PretrainedConfig], num_exp
                   *, attention: tuple[str, ...] = _ATTENTION, **extra: Any) -> FamilySpec:
     """A family laid out as the module docstring describes (every family here)."""
     return FamilySpec(
-        model_type=model_type, config_class=config_class, layers="model.layers", moe_block="mlp", router="gate",
+        model_type=model_type, config_class=config_class, layers=("model.layers",), moe_block="mlp", router="gate",
         experts="experts", expert_parameters=_FUSED, attention_projections=attention,
         num_experts_key=num_experts_key, expert_intermediate_key=expert_intermediate_key, **extra,
     )
@@ -148,7 +192,7 @@ def _shared_expert_width(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deepseek_small(options: dict[str, Any]) -> dict[str, Any]:
-    """DeepSeek-V3 built from the generic options: multi-head latent attention sized from the head width
+    """DeepSeek-V2/V3 built from the generic options: multi-head latent attention sized from the head width
     (its keys and values have one head per query head, so ``num_kv_heads`` does not apply), one shared expert
     as wide as a routed one, every layer MoE, one routing group."""
     head = options["hidden_size"] // options["num_attention_heads"]
@@ -158,6 +202,19 @@ def _deepseek_small(options: dict[str, Any]) -> dict[str, Any]:
         "qk_nope_head_dim": max(2, head - rope), "v_head_dim": head, "n_shared_experts": 1,
         "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
         "num_key_value_heads": options["num_attention_heads"],
+    }
+
+
+def _switch_small(options: dict[str, Any]) -> dict[str, Any]:
+    """SwitchTransformers built from the generic options: as many decoder layers as encoder layers, every
+    block sparse, key/value width from the head width, no jitter, dropout or token dropping (capacity covers
+    a whole sequence), so a built model's outputs do not depend on train/eval mode or batch composition."""
+    layers = options["num_hidden_layers"]
+    return {  # the sparse steps are derived in __init__, before the attribute map applies the generic names
+        "num_layers": layers, "d_model": options["hidden_size"], "num_heads": options["num_attention_heads"],
+        "num_decoder_layers": layers, "num_sparse_encoder_layers": layers, "num_sparse_decoder_layers": layers,
+        "d_kv": options["hidden_size"] // options["num_attention_heads"],
+        "expert_capacity": options["max_position_embeddings"], "router_jitter_noise": 0.0, "dropout_rate": 0.0,
     }
 
 
@@ -176,11 +233,28 @@ FAMILIES: dict[str, FamilySpec] = {
         shared_projections=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
         derived_config=_shared_expert_width,
     ),
+    "deepseek_v2": _fused_family(
+        "deepseek_v2", DeepseekV2Config, "n_routed_experts", "moe_intermediate_size", attention=_MLA,
+        shared_projections=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
+        fixed_config=(("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", None), ("topk_method", "greedy")),
+        derived_config=_deepseek_small,  # DeepSeekMoE's softmax router, greedy top-k
+    ),
     "deepseek_v3": _fused_family(
         "deepseek_v3", DeepseekV3Config, "n_routed_experts", "moe_intermediate_size", attention=_MLA,
         shared_projections=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
         fixed_config=(("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", None)),
         derived_config=_deepseek_small, router_scores="sigmoid",
+    ),
+    "switch_transformers": FamilySpec(
+        model_type="switch_transformers", config_class=SwitchTransformersConfig,
+        layers=("encoder.block", "decoder.block"), moe_block="layer.-1.mlp", router="router", experts="experts",
+        expert_parameters=(), expert_linears=("wi", "wo"),
+        attention_projections=("q", "k", "v", "o"),  # self- and cross-attention
+        num_experts_key="num_experts", expert_intermediate_key="d_ff", top_k_key=None,
+        router_returns="dispatch_probs_logits",
+        # T5's ids: pad 0 starts the decoder; fedsim's tokenizer has </s> at 2
+        fixed_config=(("pad_token_id", 0), ("eos_token_id", 2), ("decoder_start_token_id", 0), ("bos_token_id", None)),
+        derived_config=_switch_small,
     ),
 }
 
@@ -212,7 +286,7 @@ def build_model(
     max_position: int,
     seed: int,
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM of one family, in float32 and eval mode.
+    """A randomly initialised model of one family (a causal LM; Switch: a seq2seq LM), in float32 and eval mode.
 
     Initialisation draws from a forked torch RNG seeded with ``seed``, so the
     same seed gives the same weights whatever ran before, and the caller's RNG
@@ -231,6 +305,8 @@ def build_model(
     spec = family_spec(family)
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"model.top_k: {top_k} is outside 1..num_experts={num_experts}")
+    if spec.top_k_key is None and top_k != 1:
+        raise ConfigError(f"model.top_k: {family} routes each token to one expert (top-1), got {top_k}")
     options = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -250,17 +326,38 @@ def build_model(
     config = spec.config_class(**options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_class(config).from_config(config, dtype=torch.float32)
     return model.eval()
 
 
-def load_pretrained(path_or_id: str) -> PreTrainedModel:
-    """Load a causal LM of a known family from a local directory or a hub id.
+def model_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]:
+    """The auto class that builds or loads ``config``'s model: seq2seq for an encoder-decoder, else causal LM."""
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+Quantization = Literal["none", "8bit", "4bit"]
+
+
+def load_pretrained(
+    path_or_id: str, *, dtype: torch.dtype | None = None, quantization: Quantization = "none", device: str = "cpu",
+) -> PreTrainedModel:
+    """Load a model of a known family (a causal LM, or a seq2seq LM) from a local directory or a hub id.
 
     The config is read first, so an unknown family fails before any weights
     are read. A string that looks like a path (absolute, ``./``, ``../``,
     ``~``) must exist locally; anything else is treated as a hub id (offline,
     it must already be in the cache). Errors are ConfigError on ``model.pretrained``.
+
+    Parameters
+    ----------
+    dtype : torch.dtype or None
+        Type of the loaded weights; None keeps the checkpoint's float32 default.
+    quantization : {"none", "8bit", "4bit"}
+        Load the base's ``nn.Linear`` weights quantized by bitsandbytes (int8,
+        or NF4 computing in bf16), placed on ``device`` as they load. Routers
+        and the output layer stay unquantized: routers are trained in full.
+        bitsandbytes must be installed (the ``quantization`` extra) and
+        ``device`` must be a CUDA device; ConfigError on ``model.quantization`` otherwise.
     """
     path = Path(path_or_id).expanduser()
     looks_local = path.is_absolute() or path_or_id.startswith((".", "~"))
@@ -275,7 +372,38 @@ def load_pretrained(path_or_id: str) -> PreTrainedModel:
         raise ConfigError(
             f"model.pretrained: '{source}' is a {config.model_type!r} model (known: {', '.join(FAMILIES)})"
         )
-    return AutoModelForCausalLM.from_pretrained(source, config=config)
+    options: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if config.model_type == "switch_transformers":
+        # Switch's router jitter scales the hidden states in place (transformers 5.22), so the experts and the
+        # routing statistics would see noised inputs in training only; fedsim routes without it.
+        config.router_jitter_noise = 0.0
+    if quantization != "none":
+        options.update(_quantized(FAMILIES[config.model_type], quantization, device))
+    return model_class(config).from_pretrained(source, config=config, **options)
+
+
+def _quantized(spec: FamilySpec, quantization: Quantization, device: str) -> dict[str, Any]:
+    """from_pretrained options that quantize the base with bitsandbytes, after checking it can run here."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization: {quantization!r} needs bitsandbytes: pip install -e '.[quantization]'")
+    if not device.startswith("cuda"):
+        raise ConfigError(f"model.quantization: {quantization!r} runs bitsandbytes' CUDA kernels: it needs a GPU worker")
+    from transformers import BitsAndBytesConfig
+
+    skip = ["lm_head", spec.router]  # bitsandbytes leaves modules whose names contain these in full precision
+    config = BitsAndBytesConfig(
+        load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip,
+    )
+    return {"quantization_config": config, "device_map": {"": device}, "dtype": torch.bfloat16}
+
+
+def _resolve(root: nn.Module, path: str) -> Any:
+    """The module at dotted ``path`` under ``root``; an integer part indexes a module list."""
+    node: Any = root
+    for part in path.split("."):
+        node = node[int(part)] if part.lstrip("-").isdigit() else getattr(node, part)
+    return node
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

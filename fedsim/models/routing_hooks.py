@@ -2,8 +2,9 @@
 
 One mechanism for every family: a forward hook on each MoE layer's router
 module (found through the family spec) sees the router's input x [tokens, H]
-and its logits (the router's output, or its first element when the router
-returns ``(logits, top-k weights, top-k indices)`` as in transformers 5.x),
+and its logits (the first element when the router returns ``(logits, top-k
+weights, top-k indices)`` as in transformers 5.x, the last of Switch's
+``(dispatch, probability, logits)``),
 so no model code is patched and any forward pass (training, evaluation,
 ``generate``) can be observed. K(x) is the set of experts the router chose
 (its top-k indices when it returns them, else the top-k of p(x)), so a
@@ -15,7 +16,8 @@ uploads"), over the non-padding tokens only, with p(x) = softmax(W_g x) (for
 a sigmoid router, its sigmoid scores normalised to sum to one):
 
 - p_sum(e)      = Σ_x p_e(x)
-- counts(e)     = #{x : e ∈ K(x)},                      K(x) = top-k of p(x)
+- counts(e)     = #{x : e ∈ K(x)},                      K(x) = top-k of p(x) (Switch: its dispatch,
+                                                        empty for a token dropped for capacity)
 - margin_sum(e) = Σ_{x : e∈K(x)} p_e(x) − max_{e'∉K(x)} p_{e'}(x)   (max of nothing = 0, when k = E)
 - x_sum(e)      = Σ_{x : e∈K(x)} x
 
@@ -59,8 +61,9 @@ class RoutingRecorder:
     """Records routing statistics (and optionally router probabilities) of a model's forward passes.
 
     Use as a context manager: the hooks are registered on entry and removed
-    on exit. Set the batch's attention mask before each forward pass; without
-    one, every token counts.
+    on exit. Set the batch's attention mask before each forward pass (an
+    encoder-decoder's MoE layers see the encoder's tokens or the decoder's:
+    set both); without one, every token counts.
 
     Parameters
     ----------
@@ -81,8 +84,9 @@ class RoutingRecorder:
     probs : list of Tensor
         One float32 [tokens, E] tensor per MoE layer of the latest forward pass,
         in layer order, over all tokens (padding included: select with ``mask``).
-    mask : Tensor or None
-        The flattened boolean attention mask [tokens] last set (True = real token).
+    masks : list of (Tensor or None)
+        Per MoE layer, the flattened boolean mask [tokens] of the stack it sits
+        in (True = real token), as last set.
 
     Notes
     -----
@@ -94,6 +98,8 @@ class RoutingRecorder:
         spec = family_of(model)
         config: Any = model.config
         self._routers = spec.routers(model)
+        self._stacks = spec.moe_stacks(model)
+        self._returns = spec.router_returns
         self._scores = spec.router_scores
         self._top_k = spec.top_k(config)
         self._num_experts = spec.num_experts(config)
@@ -104,7 +110,7 @@ class RoutingRecorder:
         self._handles: list[RemovableHandle] = []
         self._sums: list[_LayerSums] = []
         self.probs: list[torch.Tensor] = []
-        self.mask: torch.Tensor | None = None
+        self._stack_masks: tuple[torch.Tensor | None, ...] = (None, None)
         self.reset()
 
     def __enter__(self) -> Self:
@@ -117,9 +123,24 @@ class RoutingRecorder:
             handle.remove()
         self._handles.clear()
 
-    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
-        """Mark the padding of the next batch: [batch, seq] with 1 for real tokens, or None for none."""
-        self.mask = None if attention_mask is None else attention_mask.reshape(-1).to(self._device, torch.bool)
+    def set_mask(self, attention_mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None) -> None:
+        """Mark the padding of the next batch: [batch, seq] with 1 for real tokens, or None for none.
+
+        ``decoder_mask`` covers an encoder-decoder's decoder tokens (its MoE
+        layers in the second stack); ``attention_mask`` covers the rest.
+        """
+
+        def flat(mask: torch.Tensor | None) -> torch.Tensor | None:
+            return None if mask is None else mask.reshape(-1).to(self._device, torch.bool)
+
+        if attention_mask is not None and decoder_mask is None and 1 in self._stacks:
+            raise ValueError("an encoder-decoder's decoder MoE layers see other tokens: set decoder_mask too")
+
+        self._stack_masks = (flat(attention_mask), flat(decoder_mask))
+
+    @property
+    def masks(self) -> list[torch.Tensor | None]:
+        return [self._stack_masks[stack] for stack in self._stacks]
 
     def reset(self) -> None:
         """Forget the accumulated statistics."""
@@ -131,9 +152,13 @@ class RoutingRecorder:
 
     def _hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            logits = output[0] if isinstance(output, tuple) else output
+            if self._returns == "dispatch_probs_logits":  # Switch: K(x) is its dispatch, after capacity drops
+                logits, chosen = output[2], output[0].reshape(-1, output[0].shape[-1]).bool()
+            else:
+                logits = output[0] if isinstance(output, tuple) else output
+                chosen = output[2] if isinstance(output, tuple) and len(output) >= 3 else None
             probs = routing_probabilities(logits, self._scores)
-            chosen = output[2] if isinstance(output, tuple) and len(output) >= 3 else None
+            probs = probs.reshape(-1, probs.shape[-1])  # Switch's router keeps the [batch, seq] axes
             if self._keep_probs:
                 if layer == 0:
                     self.probs = []
@@ -147,18 +172,23 @@ class RoutingRecorder:
 
     def _accumulate(self, layer: int, x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor | None) -> None:
         """Add one batch's tokens x [tokens, H] with probabilities p [tokens, E] and the router's choices
-        [tokens, k] (None: the top-k of p) to layer ``layer``'s sums."""
-        if self.mask is not None:
-            if self.mask.numel() != x.shape[0]:
+        to layer ``layer``'s sums. Choices: indices [tokens, k], a boolean dispatch mask [tokens, E] (a token
+        dropped for capacity has none), or None for the top-k of p."""
+        mask = self._stack_masks[self._stacks[layer]]
+        if mask is not None:
+            if mask.numel() != x.shape[0]:
                 raise ValueError(
-                    f"MoE layer {layer}: the attention mask covers {self.mask.numel()} tokens, "
+                    f"MoE layer {layer}: the attention mask covers {mask.numel()} tokens, "
                     f"the router saw {x.shape[0]}; call set_mask for each batch"
                 )
-            x, p = x[self.mask], p[self.mask]
-            chosen = None if chosen is None else chosen.reshape(-1, chosen.shape[-1])[self.mask]
+            x, p = x[mask], p[mask]
+            chosen = None if chosen is None else chosen.reshape(-1, chosen.shape[-1])[mask]
         if chosen is None:
             chosen = p.topk(self._top_k, dim=-1).indices
-        routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, chosen.long(), True)
+        if chosen.dtype == torch.bool:
+            routed = chosen
+        else:
+            routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, chosen.long(), True)
         p64 = p.double()
         if self._top_k < p.shape[1]:
             best_unrouted = p64.masked_fill(routed, float("-inf")).amax(dim=-1, keepdim=True)

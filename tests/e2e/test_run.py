@@ -16,6 +16,7 @@ import pytest
 from fedsim.callbacks.base import Callback
 from fedsim.driver import RunFailed, run
 from fedsim.report import compare, report
+from tests.fedsim.engine.test_choice_engine import write_hellaswag
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -191,13 +192,27 @@ def test_report_and_compare_draw_every_plot_and_embed_it(ray_session, tiny_confi
     assert len(routing) == 2 * 2 * 4 and np.allclose(routing.groupby(["round", "layer"])["p_bar_mean"].sum(), 1.0)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"])
 def test_each_family_runs_a_fedalign_moe_round(ray_session, tiny_config, tmp_path: Path, family: str) -> None:  # type: ignore[no-untyped-def]
     result = run(tiny_config(f"model.family={family}", "strategy.name=fedalign_moe", "rounds=1"), out=tmp_path / family)
     assert result.rounds["test_accuracy"].between(0, 1).all()
     assert np.isclose(result.clients["weight"].sum(), 1.0)
     experts = result.comm[(result.comm["payload_class"] == "expert") & (result.comm["direction"] == "up")]
     assert experts.groupby("client").size().eq(2 * 4).all()  # 2 MoE layers × 4 experts, each its own slice
+
+
+def test_switch_transformers_runs_a_fedalign_moe_round_over_encoder_and_decoder_experts(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Execute: encoder-decoder, top-1, text-to-text (the prompt encoded, the label word decoded)
+    result = run(tiny_config("model.family=switch_transformers", "model.top_k=1", "strategy.name=fedalign_moe", "rounds=1"),
+                 out=tmp_path / "switch")
+
+    # Assert: 2 encoder + 2 decoder MoE layers, each with its routing statistics and 4 expert slices per client
+    assert result.rounds["test_accuracy"].between(0, 1).all() and np.isclose(result.clients["weight"].sum(), 1.0)
+    experts = result.comm[(result.comm["payload_class"] == "expert") & (result.comm["direction"] == "up")]
+    assert experts.groupby("client").size().eq(4 * 4).all()
+    routing = pd.read_parquet(result.run_dir / "routing.parquet")
+    assert sorted(routing["layer"].unique()) == [0, 1, 2, 3]
+    assert np.allclose(routing.groupby("layer")["p_bar_mean"].sum(), 1.0)
 
 
 def test_a_deadline_drops_the_slow_client_on_the_simulated_clock(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -298,3 +313,18 @@ def test_a_fedscale_availability_trace_decides_who_can_be_sampled(ray_session, t
     assert (result.rounds["clients_sampled"] == 4).all()
     assert result.rounds["sim_time_s"].iloc[0] >= 5.0
     assert (result.run_dir / "availability_trace.pkl").read_bytes() == trace.read_bytes()
+
+
+def test_a_hellaswag_file_runs_federated_rounds_partitioned_by_activity(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a local file in Rowan/hellaswag's schema; one client per activity label is what α → 0 would give
+    source = write_hellaswag(tmp_path / "hellaswag.json", per_activity=20)
+    cfg = tiny_config("data.format=hellaswag", f"data.source={source}", "data.num_clients=4", "clients_per_round=4",
+                      "data.max_length=40", "data.max_option_length=12", "strategy.name=fedalign_moe", "rounds=2")
+
+    # Execute
+    result = run(cfg, out=tmp_path / "hs")
+
+    # Assert: options scored per token; every round evaluated the whole test split
+    assert "format: hellaswag" in (result.run_dir / "config.yaml").read_text()
+    assert result.rounds["test_accuracy"].between(0, 1).all() and len(result.rounds) == 2
+    assert result.clients.groupby("round")["client"].nunique().eq(4).all()

@@ -15,7 +15,7 @@ def test_token_form_hand_computed_single_token() -> None:
     p_g = torch.full((1, 3), 1 / 3)
     alpha = torch.tensor([[2.0, 1.0, 1.0]])
     # Execute
-    value = routing_regulariser([p], None, p_g, alpha, top_k=1)
+    value = routing_regulariser([p], [None], p_g, alpha, top_k=1)
     # Assert: 2 · 0.5 · log(0.5 / (1/3))
     assert math.isclose(value.item(), 2 * 0.5 * math.log(1.5), rel_tol=1e-6)
 
@@ -26,7 +26,7 @@ def test_token_form_ignores_padding_and_averages_layers() -> None:
     mask = torch.tensor([True, False])
     p_g = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     alpha = torch.ones(2, 2)
-    value = routing_regulariser([p0, p1], mask, p_g, alpha, top_k=1)
+    value = routing_regulariser([p0, p1], [mask, mask], p_g, alpha, top_k=1)
     expected = 0.5 * (0.6 * math.log(0.6 / 0.5) + 0.75 * math.log(0.75 / 0.5))
     assert math.isclose(value.item(), expected, rel_tol=1e-6)
 
@@ -34,7 +34,7 @@ def test_token_form_ignores_padding_and_averages_layers() -> None:
 def test_batch_form_is_kl_of_mean_routing() -> None:
     p = torch.tensor([[0.6, 0.4], [0.2, 0.8]])
     p_g = torch.tensor([[0.5, 0.5]])
-    value = routing_regulariser([p], None, p_g, torch.ones(1, 2), top_k=1, form="batch")
+    value = routing_regulariser([p], [None], p_g, torch.ones(1, 2), top_k=1, form="batch")
     expected = 0.4 * math.log(0.4 / 0.5) + 0.6 * math.log(0.6 / 0.5)
     assert math.isclose(value.item(), expected, rel_tol=1e-5)  # float32 inputs
 
@@ -47,7 +47,7 @@ def test_gradient_matches_direct_formula() -> None:
     alpha = torch.rand(1, 4, generator=gen, dtype=torch.float64)
     # Execute
     p = torch.softmax(logits, dim=-1)
-    grad = torch.autograd.grad(routing_regulariser([p], None, p_g, alpha, top_k=2), logits)[0]
+    grad = torch.autograd.grad(routing_regulariser([p], [None], p_g, alpha, top_k=2), logits)[0]
     # Direct formula with an explicit top-2 mask built by hand
     top = torch.zeros(5, 4, dtype=torch.float64)
     for t, row in enumerate(torch.softmax(logits, -1).detach()):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from aggregation.errors import ClientFailure
+from aggregation.errors import ClientFailure, ConfigError
 from aggregation.messages import ClientInstructions
 from fedsim.config import CompressionConfig, load_config
 from fedsim.data.encoded import EncodedSplit
@@ -208,3 +209,26 @@ def test_gradient_checkpointing_trains_the_same_client_to_the_same_delta(setup, 
     assert checkpointed._body.is_gradient_checkpointing
     np.testing.assert_allclose(recomputed.delta, plain.delta, atol=1e-6, rtol=0)
     assert [s.n_tokens for s in recomputed.routing] == [s.n_tokens for s in plain.routing]
+
+
+def test_bf16_keeps_the_base_in_bf16_the_trainable_slots_in_fp32_and_tracks_the_fp32_update(setup) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the same recipe in bf16 (autocast runs on the CPU too)
+    engine, prepared = setup
+    half = dataclasses.replace(engine.spec, precision="bf16")()
+    rows = prepared.partitions[1]
+    # Execute
+    full = engine.train(rows, engine.initial_payload, _instr(1, seed=9))
+    reduced = half.train(rows, half.initial_payload, _instr(1, seed=9))
+    # Assert: frozen weights are bf16, every trainable slot is fp32; the update follows fp32's closely, not exactly
+    frozen = {p.dtype for p in half.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and {p.dtype for p in half.trainable} == {torch.float32}
+    np.testing.assert_allclose(half.initial_payload, engine.initial_payload, rtol=2**-8, atol=0)  # loaded in bf16
+    cosine = full.delta @ reduced.delta / (np.linalg.norm(full.delta) * np.linalg.norm(reduced.delta))
+    assert 0.9 < cosine < 1.0 - 1e-9
+    assert abs(reduced.metric("train_loss") - full.metric("train_loss")) < 0.05 * full.metric("train_loss")
+
+
+def test_quantized_base_without_a_gpu_is_a_one_line_config_error(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = setup
+    with pytest.raises(ConfigError, match=r"^model\.quantization: '4bit' (needs bitsandbytes: pip install|runs bitsandbytes' CUDA kernels)"):
+        dataclasses.replace(engine.spec, quantization="4bit")()

@@ -7,39 +7,84 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from torch import nn
 from transformers import (
+    DeepseekV2ForCausalLM,
     DeepseekV3ForCausalLM,
     LlamaConfig,
     MixtralForCausalLM,
     OlmoeForCausalLM,
     Qwen2MoeForCausalLM,
     Qwen3MoeForCausalLM,
+    SwitchTransformersForConditionalGeneration,
 )
 
 from aggregation.errors import ConfigError
 from fedsim.models import build_model, family_of, family_spec, load_pretrained
+from fedsim.models.registry import FAMILIES
 
 if TYPE_CHECKING:
     from tests.fedsim.models.conftest import TinyMoE
 
 CLASSES = {"mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "olmoe": OlmoeForCausalLM,
-           "qwen2_moe": Qwen2MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
+           "qwen2_moe": Qwen2MoeForCausalLM, "deepseek_v2": DeepseekV2ForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
+           "switch_transformers": SwitchTransformersForConditionalGeneration}
+KNOWN = ", ".join(FAMILIES)  # every registered family, in registry order
 
 
-def test_build_model_gives_fused_experts_and_routers_for_each_family(tiny: TinyMoE, family_name: str) -> None:
+def test_build_model_gives_family_class_in_float32_eval_mode(tiny: TinyMoE, family_name: str) -> None:
     # Execute
     model = tiny.model(family_name)
-    spec = family_of(model)
 
     # Assert
     assert type(model) is CLASSES[family_name]
     assert model.dtype == torch.float32 and not model.training
+    assert len(family_of(model).moe_blocks(model)) == tiny.moe_layers(family_name)
+
+
+def test_build_model_gives_fused_experts_and_routers_for_each_family(tiny: TinyMoE, fused_family_name: str) -> None:
+    # Execute
+    model = tiny.model(fused_family_name)
+    spec = family_of(model)
+
+    # Assert
+    assert type(model) is CLASSES[fused_family_name]
+    assert model.dtype == torch.float32 and not model.training
     assert len(spec.moe_blocks(model)) == tiny.layers
+    assert spec.moe_stacks(model) == [0] * tiny.layers
     for router, experts in zip(spec.routers(model), spec.experts_modules(model), strict=True):
         assert router.weight.shape == (tiny.experts, tiny.hidden)
         assert experts.gate_up_proj.shape == (tiny.experts, 2 * tiny.inter, tiny.hidden)
         assert experts.down_proj.shape == (tiny.experts, tiny.hidden, tiny.inter)
     assert model.config._experts_implementation == "grouped_mm"  # transformers' default, left alone
+
+
+def test_build_model_gives_switch_encoder_then_decoder_blocks_with_one_module_per_expert(tiny: TinyMoE) -> None:
+    # Execute
+    model = tiny.model("switch_transformers")
+    spec = family_of(model)
+
+    # Assert: every block of both stacks is sparse, its MoE block the last sub-layer's mlp (after the encoder's
+    # self-attention; after the decoder's self- and cross-attention)
+    encoder = [model.get_submodule(f"encoder.block.{i}.layer.1.mlp") for i in range(tiny.layers)]
+    decoder = [model.get_submodule(f"decoder.block.{i}.layer.2.mlp") for i in range(tiny.layers)]
+    assert spec.moe_blocks(model) == encoder + decoder
+    assert spec.moe_stacks(model) == [0] * tiny.layers + [1] * tiny.layers
+    assert spec.top_k(model.config) == 1 and spec.num_experts(model.config) == tiny.experts
+    for block, router, experts in zip(encoder + decoder, spec.routers(model), spec.experts_modules(model), strict=True):
+        assert router is block.router and experts is block.experts
+        classifier = router.get_submodule("classifier")
+        assert isinstance(classifier, nn.Linear) and classifier.weight.shape == (tiny.experts, tiny.hidden)
+        assert isinstance(experts, nn.ModuleDict)
+        assert list(experts.keys()) == [f"expert_{e}" for e in range(tiny.experts)]
+        for expert in experts.values():
+            wi, wo = expert.get_submodule("wi"), expert.get_submodule("wo")
+            assert isinstance(wi, nn.Linear) and wi.weight.shape == (tiny.inter, tiny.hidden)
+            assert isinstance(wo, nn.Linear) and wo.weight.shape == (tiny.hidden, tiny.inter)
+        assert not any(p.ndim == 3 for p in experts.parameters())  # nothing fused
+    # no jitter or dropout, and capacity for a whole sequence: routing ignores mode and batch
+    assert model.config.router_jitter_noise == 0.0 and model.config.dropout_rate == 0.0
+    assert model.config.expert_capacity >= 64
 
 
 def test_build_model_same_seed_gives_same_weights_and_keeps_global_rng(tiny: TinyMoE, family_name: str) -> None:
@@ -55,7 +100,7 @@ def test_build_model_same_seed_gives_same_weights_and_keeps_global_rng(tiny: Tin
     # Assert
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+    assert not torch.equal(*(m.get_input_embeddings().state_dict()["weight"] for m in (a, c)))
     assert torch.equal(draw, expected_draw)
 
 
@@ -66,8 +111,8 @@ def test_build_model_outputs_do_not_depend_on_train_mode(tiny: TinyMoE, family_n
 
     # Execute
     with torch.no_grad():
-        eval_logits = model(input_ids=ids).logits
-        train_logits = model.train()(input_ids=ids).logits
+        eval_logits = tiny.forward(model, ids).logits
+        train_logits = tiny.forward(model.train(), ids).logits
 
     # Assert
     assert torch.equal(eval_logits, train_logits)
@@ -76,12 +121,19 @@ def test_build_model_outputs_do_not_depend_on_train_mode(tiny: TinyMoE, family_n
 def test_build_model_raises_config_error_for_unknown_family(tiny: TinyMoE) -> None:
     with pytest.raises(ConfigError) as info:
         tiny.model("x")
-    assert str(info.value) == "model.family: unknown family 'x' (known: mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v3)"
+    assert str(info.value) == f"model.family: unknown family 'x' (known: {KNOWN})"
+    assert set(CLASSES) <= set(FAMILIES)  # so the list names at least every family tested here
 
 
 def test_build_model_raises_config_error_when_top_k_exceeds_experts(tiny: TinyMoE) -> None:
     with pytest.raises(ConfigError, match=r"^model\.top_k: 5 is outside 1\.\.num_experts=4$"):
         tiny.model("mixtral", top_k=5)
+
+
+def test_build_model_raises_config_error_when_top_1_family_gets_top_k_above_1(tiny: TinyMoE) -> None:
+    expected = r"^model\.top_k: switch_transformers routes each token to one expert \(top-1\), got 2$"
+    with pytest.raises(ConfigError, match=expected):
+        tiny.model("switch_transformers", top_k=2)
 
 
 def test_family_of_sees_through_peft_wrapper(tiny: TinyMoE, family_name: str) -> None:
@@ -90,7 +142,7 @@ def test_family_of_sees_through_peft_wrapper(tiny: TinyMoE, family_name: str) ->
 
     # Assert
     assert family_of(peft_model) is family_spec(family_name)
-    assert len(family_of(peft_model).routers(peft_model)) == tiny.layers
+    assert len(family_of(peft_model).routers(peft_model)) == tiny.moe_layers(family_name)
 
 
 def test_moe_blocks_skip_dense_layers_when_qwen3_has_mlp_only_layers() -> None:
@@ -122,7 +174,7 @@ def test_load_pretrained_after_save_gives_identical_logits(tiny: TinyMoE, family
     assert type(loaded) is CLASSES[family_name]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
     with torch.no_grad():  # same weights; Qwen2-MoE's reload computes ~1e-8 apart (the kernels' summation order)
-        torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tiny.forward(model, ids).logits, tiny.forward(loaded, ids).logits, rtol=0, atol=1e-6)
 
 
 def test_load_pretrained_raises_config_error_naming_missing_path(tmp_path: Path) -> None:
@@ -137,7 +189,7 @@ def test_load_pretrained_raises_config_error_for_unknown_model_type(tmp_path: Pa
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
 
     # Execute / Assert
-    with pytest.raises(ConfigError, match=r"^model\.pretrained: .* is a 'llama' model \(known: mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v3\)$"):
+    with pytest.raises(ConfigError, match=rf"^model\.pretrained: .* is a 'llama' model \(known: {KNOWN}\)$"):
         load_pretrained(str(tmp_path))
 
 

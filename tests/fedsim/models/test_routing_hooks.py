@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedModel
+from torch import nn
 
 from aggregation.routing_stats import RoutingStats
 from fedsim.models import RoutingRecorder, family_of
@@ -20,21 +20,29 @@ IDS = torch.tensor([[5, 17, 3, 40, 22, 9], [8, 61, 30, 0, 0, 0], [2, 2, 50, 33, 
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
 
 
-def _reference_stats(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, top_k: int) -> list[RoutingStats]:
-    """Stats computed token by token from the model's own router logits and its MoE-block inputs."""
+def _reference_stats(
+    tiny: TinyMoE, family: str, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> list[RoutingStats]:
+    """Stats computed token by token from the model's own router logits and its MoE-block inputs.
+
+    An encoder-decoder runs on ``tiny.decoder_inputs``: its encoder layers count the tokens under ``mask``,
+    its decoder layers those under the decoder mask. K(x) is the top-k of p(x) (Switch: the argmax).
+    """
     inputs: list[torch.Tensor] = []
     handles = [
         block.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
         for block in family_of(model).moe_blocks(model)
     ]
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        out = tiny.forward(model, ids, mask, output_router_logits=True)
     for h in handles:
         h.remove()
-    keep = mask.reshape(-1).numpy().astype(bool)
+    masks = tiny.layer_masks(family, mask, tiny.decoder_inputs(ids.shape[0])[1])
+    top_k = tiny.routed(family)
     sigmoid = family_of(model).router_scores == "sigmoid"  # DeepSeek-V3: normalised sigmoid scores
     result = []
-    for logits, x in zip(out.router_logits, inputs, strict=True):
+    for logits, x, layer_mask in zip(tiny.router_logits(out), inputs, masks, strict=True):
+        keep = layer_mask.reshape(-1).numpy().astype(bool)
         logits64 = logits.double().numpy()[keep]
         num_experts, hidden = logits.shape[1], x.shape[-1]
         xs = x.reshape(-1, hidden).double().numpy()[keep]
@@ -63,21 +71,22 @@ def _assert_stats_close(got: RoutingStats, want: RoutingStats) -> None:
 
 
 def test_recorder_stats_match_direct_computation_on_padded_batch(tiny: TinyMoE, family_name: str) -> None:
-    # Prepare
+    # Prepare: an encoder-decoder's decoder reads tiny.decoder_inputs, 9 real tokens of 12
     model = tiny.lora(family_name, seed=4)
-    want = _reference_stats(model, IDS, MASK, tiny.top_k)
+    want = _reference_stats(tiny, family_name, model, IDS, MASK)
+    decoder_mask = tiny.decoder_inputs(IDS.shape[0])[1] if tiny.encoder_decoder(family_name) else None
 
     # Execute
     with RoutingRecorder(model) as recorder, torch.no_grad():
-        recorder.set_mask(MASK)
-        model(input_ids=IDS, attention_mask=MASK)
+        recorder.set_mask(MASK, decoder_mask)
+        tiny.forward(model, IDS, MASK)
     got = recorder.stats()
 
-    # Assert
-    assert len(got) == tiny.layers
-    for g, w in zip(got, want, strict=True):
-        assert g.n_tokens == 14  # 18 positions, 4 of them padding
-        assert g.counts.sum() == 14 * tiny.top_k
+    # Assert: 18 positions, 4 of them padding; decoder layers 12 positions, 3 of them padding
+    tokens = [14] * tiny.layers + ([9] * tiny.layers if tiny.encoder_decoder(family_name) else [])
+    assert [g.n_tokens for g in got] == tokens
+    for g, w, n in zip(got, want, tokens, strict=True):
+        assert g.counts.sum() == n * tiny.routed(family_name)
         _assert_stats_close(g, w)
 
 
@@ -160,23 +169,78 @@ def test_recorder_without_mask_counts_every_token(tiny: TinyMoE) -> None:
 def test_recorder_keeps_probs_with_grad_of_latest_forward_only(tiny: TinyMoE, family_name: str) -> None:
     # Prepare
     model = tiny.lora(family_name)
-    router = family_of(model).routers(model)[1]
+    router = tiny.router_weight(family_of(model).routers(model)[1])
+    decoder = tiny.encoder_decoder(family_name)
+    decoder_mask = tiny.decoder_inputs(IDS.shape[0])[1] if decoder else None
 
     # Execute
     with RoutingRecorder(model, keep_probs=True, collect_stats=False) as recorder:
-        recorder.set_mask(MASK)
-        model(input_ids=IDS, attention_mask=MASK)
-        recorder.set_mask(MASK[:1])
-        out = model(input_ids=IDS[:1], attention_mask=MASK[:1], output_router_logits=True)
-        probs, mask = recorder.probs, recorder.mask
+        recorder.set_mask(MASK, decoder_mask)
+        tiny.forward(model, IDS, MASK)
+        recorder.set_mask(MASK[:1], None if decoder_mask is None else decoder_mask[:1])
+        out = tiny.forward(model, IDS[:1], MASK[:1], output_router_logits=True)
+        probs, masks = recorder.probs, recorder.masks
         probs[1][:, 0].sum().backward()
 
-    # Assert
-    assert len(probs) == tiny.layers and probs[0].shape == (6, tiny.experts)
-    torch.testing.assert_close(probs[1], routing_probabilities(out.router_logits[1], family_of(model).router_scores))
-    assert mask is not None and mask.tolist() == [True] * 6
-    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    # Assert: Switch's layers 0, 1 are the encoder's (6 tokens), 2, 3 the decoder's (4 tokens)
+    moe_layers = tiny.moe_layers(family_name)
+    assert len(probs) == moe_layers and probs[0].shape == (6, tiny.experts)
+    logits = tiny.router_logits(out)
+    for layer in range(moe_layers):
+        torch.testing.assert_close(probs[layer], routing_probabilities(logits[layer], family_of(model).router_scores))
+    decoder_layers = tiny.layers if decoder else 0
+    assert [p.shape[0] for p in probs] == [6] * (moe_layers - decoder_layers) + [4] * decoder_layers
+    assert [None if m is None else m.tolist() for m in masks] == (
+        [[True] * 6] * (moe_layers - decoder_layers) + [[True] * 4] * decoder_layers
+    )
+    assert router.grad is not None and router.grad.abs().sum() > 0
     assert recorder.stats()[0].n_tokens == 0  # statistics were off
+
+
+def test_recorder_on_switch_counts_encoder_tokens_in_encoder_layers_and_decoder_tokens_in_decoder_layers(
+    tiny: TinyMoE,
+) -> None:
+    # Prepare
+    model = tiny.model("switch_transformers")
+    decoder_mask = tiny.decoder_inputs(IDS.shape[0])[1]
+
+    # Execute
+    with RoutingRecorder(model) as unmasked, torch.no_grad():
+        tiny.forward(model, IDS, MASK)
+    with RoutingRecorder(model) as masked, torch.no_grad():
+        masked.set_mask(MASK, decoder_mask)
+        tiny.forward(model, IDS, MASK)
+
+    # Assert: 18 encoder positions (14 real), 12 decoder positions (9 real); one expert per token
+    assert [s.n_tokens for s in unmasked.stats()] == [18, 18, 12, 12]
+    assert [s.n_tokens for s in masked.stats()] == [14, 14, 9, 9]
+    assert [s.counts.sum() for s in masked.stats()] == [14, 14, 9, 9]
+    flat = [MASK.reshape(-1).bool().tolist()] * 2 + [decoder_mask.reshape(-1).bool().tolist()] * 2
+    assert [None if m is None else m.tolist() for m in masked.masks] == flat
+
+
+def test_recorder_on_switch_routes_a_token_dropped_for_capacity_to_no_expert(tiny: TinyMoE) -> None:
+    # Prepare: each expert takes at most one token per sequence, so most of a 6-token sequence is dropped
+    model = tiny.model("switch_transformers")
+    for block in family_of(model).moe_blocks(model):
+        block.router.expert_capacity = 1
+    ids = IDS[:1]
+    decoder_ids, decoder_mask = tiny.decoder_inputs(1)
+
+    # Execute
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.set_mask(torch.ones_like(ids), torch.ones_like(decoder_mask))
+        model(input_ids=ids, decoder_input_ids=decoder_ids)
+
+    # Assert: every token counts toward p̄, only dispatched ones toward counts (at most one per expert)
+    encoder = recorder.stats()[0]
+    assert encoder.n_tokens == 6 and np.isclose(encoder.p_bar.sum(), 1.0)
+    assert encoder.counts.max() <= 1 and 1 <= encoder.counts.sum() < 6
+
+
+def test_recorder_on_switch_asks_for_the_decoder_mask(tiny: TinyMoE) -> None:
+    with RoutingRecorder(tiny.model("switch_transformers")) as recorder, pytest.raises(ValueError, match="decoder_mask"):
+        recorder.set_mask(MASK)
 
 
 def test_recorder_raises_when_mask_does_not_match_batch(tiny: TinyMoE) -> None:
