@@ -78,3 +78,25 @@ def test_gradient_checkpointing_keeps_one_layers_activations(base) -> None:  # t
     per_layer = plain.activations / 2  # the tiny model has 2 layers
     assert recomputed.activations == pytest.approx(2 * 32 * 4 * 32 * 4 + per_layer)  # 2 layer inputs s·b·h, fp32
     assert recomputed.base == plain.base and recomputed.trainable == plain.trainable
+
+
+def test_estimate_halves_the_base_in_bf16_and_quarters_its_linear_weights_in_8bit(base) -> None:  # type: ignore[no-untyped-def]
+    overrides, path = base
+    full = estimate_worker_memory(load_config(None, overrides), path)
+    half = estimate_worker_memory(load_config(None, [*overrides, "engine.precision=bf16"]), path)
+    quantized = estimate_worker_memory(load_config(None, [*overrides, "model.quantization=8bit", "workers.gpus_per_worker=1"]), path)
+    assert half.base == full.base / 2 and half.activations == full.activations / 2 and half.trainable == full.trainable
+    assert quantized.base < half.base
+
+
+def test_estimate_covers_an_encoder_decoder_and_options_as_rows(tmp_path: Path) -> None:
+    # Prepare: a Switch base (2 encoder + 2 decoder layers)
+    overrides = [*TINY, "model.family=switch_transformers", "model.top_k=1", f"cache_dir={tmp_path}"]
+    cfg = load_config(None, overrides)
+    path = prepare(cfg).base_path
+    # Execute
+    one = estimate_worker_memory(cfg, path)
+    four = estimate_worker_memory(cfg, path, num_options=4)
+    # Assert: activations of 4 layers; four options of (context + option) tokens per example
+    assert one.activations == 4 * 32 * 4 * 32 * (10 + 24 * 1 * 32 / (4 * 32)) * 4
+    assert four.activations == pytest.approx(one.activations * 4 * (32 + 32) / 32)
