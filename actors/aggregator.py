@@ -9,6 +9,8 @@ result is bit-identical whatever the number of workers or arrival order.
 
 from __future__ import annotations
 
+import math
+
 import os
 import resource
 from collections.abc import Callable
@@ -43,7 +45,7 @@ class RoundSummary:
     sim_round_s: float = 0.0  # the round's length on the simulated clock
     routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
     aggregator_peak_rss_mib: float = 0.0
-    aggregator_uss_mib: float = 0.0  # private memory now: object-store pages read zero-copy are shared, not counted
+    aggregator_uss_mib: float = math.nan  # private memory now (when measured): object-store pages read zero-copy are shared
 
 
 def _client_row(u: ClientUpdate) -> dict[str, Any]:
@@ -86,10 +88,14 @@ class Aggregator:
         strategy_factory: Callable[[PayloadLayout], Strategy],
         layout: PayloadLayout,
         max_update_norm: float | None = None,
+        measure_memory: bool = False,
     ) -> None:
         self.strategy = strategy_factory(layout)
         self.layout = layout
         self.max_update_norm = max_update_norm
+        # Reading private memory walks every mapping of this process (~6 ms with torch and Ray loaded), on the
+        # round's critical path: only when asked.
+        self.measure_memory = measure_memory
         # Error-feedback residuals of compressed uplinks: client-side state, kept here between the
         # rounds a client is sampled in (one payload-sized float32 array per such client).
         self.residuals: dict[int, np.ndarray] = {}
@@ -190,7 +196,7 @@ class Aggregator:
             sim_round_s=timing.round_seconds,
             routing_p_bar=p_bar,
             aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20,
+            aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20 if self.measure_memory else math.nan,
         )
         return result.payload, summary
 

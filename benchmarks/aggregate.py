@@ -183,7 +183,7 @@ def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.Dat
     rows = []
     for n in sizes:
         for name in ("fedavg", "fedalign_moe"):
-            aggregator = Aggregator.remote(STRATEGIES[name], layout)
+            aggregator = Aggregator.remote(STRATEGIES[name], layout, measure_memory=True)
             refs = [_remote_update.remote(layout, hidden, c) for c in range(n)]
             ray.wait(refs, num_returns=n)
             payload_ref = ray.put(np.zeros(layout.total, dtype=np.float32))

@@ -63,7 +63,6 @@ def main() -> None:
                 "overhead_ratio": (steady["train_wall_s"] / (steady["compute_s_sum"] / args.workers)).median(),
                 "driver_peak_rss_mib": rounds["driver_peak_rss_mib"].max(),
                 "aggregator_peak_rss_mib": rounds["aggregator_peak_rss_mib"].max(),
-                "aggregator_uss_mib": rounds["aggregator_uss_mib"].max(),
                 "update_mib": rounds["bytes_up"].iloc[-1] / n / 2**20,
             })
     finally:

@@ -369,7 +369,8 @@ def _loop(
     run_dir: Path, checkpoint: Checkpoint | None,
 ) -> None:
     layout, initial = pool.describe()
-    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
+    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
+                                   measure_memory=cfg.logging.aggregator_memory)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
     _store_system(cfg, profiles, run_dir)
@@ -488,7 +489,8 @@ def _loop_async(
     K = clients in flight and simultaneous arrivals this is synchronous FedAvg, round for round.
     """
     layout, initial = pool.describe()
-    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm)
+    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
+                                   measure_memory=cfg.logging.aggregator_memory)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
     _store_system(cfg, profiles, run_dir)
