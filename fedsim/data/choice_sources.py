@@ -10,63 +10,21 @@ and ``text`` (context and correct option) for pretraining a base.
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from numbers import Integral
-from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 from datasets import Dataset, Features, List, Value
 
 from aggregation.errors import ConfigError
-from fedsim.data.local import BUILDER_OF_SUFFIX, _first_line, _looks_like_path, _quiet_progress
+from fedsim.data.local import load_source
 
 FORMATS: tuple[str, ...] = ("mmlu", "hellaswag")
 KEY_OF_FORMAT = {"mmlu": "subject", "hellaswag": "activity_label"}
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _BRACKETED = re.compile(r"\[.*?\]")
-
-
-def _load_raw(source: str, split: str, hub_config: str | None) -> tuple[Dataset, str, str]:
-    """Return the raw dataset, a name for messages, and the default ``source`` value.
-
-    CSV cells are all read as strings with no NA detection: an option ``"2"``
-    or ``"None"`` must stay that text, not become ``2`` or a missing value.
-    """
-    if not _looks_like_path(source):
-        try:
-            with _quiet_progress():
-                raw = datasets.load_dataset(source, hub_config, split=split)
-        except Exception as exc:  # hub, network and builder errors alike
-            config = "" if hub_config is None else f" config {hub_config!r}"
-            raise ConfigError(
-                f"data.source: cannot load hub dataset {source!r}{config} split {split!r} "
-                f"(offline, or not a dataset?): {_first_line(exc)}"
-            ) from exc
-        return raw, f"hub dataset {source!r}", source
-
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.source: file not found: {path}")
-    builder = BUILDER_OF_SUFFIX.get(path.suffix.lower())
-    if builder is None:
-        raise ConfigError(
-            f"data.source: unsupported file type {path.suffix!r} for {path}; use one of {sorted(BUILDER_OF_SUFFIX)}"
-        )
-    try:
-        kwargs: dict[str, Any] = {}
-        if builder == "csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), [])
-            kwargs = {"features": Features({name: Value("string") for name in header}), "na_filter": False}
-        with _quiet_progress():
-            raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
-    except Exception as exc:
-        raise ConfigError(f"data.source: cannot read {path} as {builder}: {_first_line(exc)}") from exc
-    return raw, path.name, path.stem
 
 
 def _preprocess(text: str) -> str:
@@ -232,7 +190,7 @@ def load_choice_dataset(
     """
     if format not in FORMATS:
         raise ConfigError(f"data.format: must be one of {list(FORMATS)}, got {format!r}")
-    raw, where, default_source = _load_raw(source, split, hub_config)
+    raw, where, default_source = load_source(source, split, hub_config=hub_config, csv_as_strings=True)
     if len(raw) == 0:
         raise ConfigError(f"data.source: {where} split {split!r} has no rows")
     columns = raw.column_names

@@ -9,8 +9,10 @@ treats it like the built-in corpus.
 from __future__ import annotations
 
 import contextlib
+import csv
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -53,15 +55,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_raw(source: str, split: str) -> tuple[Dataset, str, str]:
-    """Return the raw dataset, a name for messages, and the default ``source`` value."""
+def load_source(
+    source: str, split: str, *, hub_config: str | None = None, csv_as_strings: bool = False
+) -> tuple[Dataset, str, str]:
+    """The raw dataset of a hub name or a local file, a name for messages, and the default ``source`` value.
+
+    ``csv_as_strings``: a CSV's cells are all read as text with no NA
+    detection, so a cell ``"2"`` or ``"None"`` stays that text (multiple-choice
+    options) instead of becoming a number or a missing value.
+    """
     if not _looks_like_path(source):
         try:
             with _quiet_progress():
-                raw = datasets.load_dataset(source, split=split)
+                raw = datasets.load_dataset(source, hub_config, split=split)
         except Exception as exc:  # hub, network and builder errors alike
+            config = "" if hub_config is None else f" config {hub_config!r}"
             raise ConfigError(
-                f"data.source: cannot load hub dataset {source!r} split {split!r} "
+                f"data.source: cannot load hub dataset {source!r}{config} split {split!r} "
                 f"(offline, or not a dataset?): {_first_line(exc)}"
             ) from exc
         return raw, f"hub dataset {source!r}", source
@@ -76,8 +86,13 @@ def _load_raw(source: str, split: str) -> tuple[Dataset, str, str]:
             f"use one of {sorted(BUILDER_OF_SUFFIX)}"
         )
     try:
+        options: dict[str, Any] = {}
+        if builder == "csv" and csv_as_strings:
+            with path.open(newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            options = {"features": Features({name: Value("string") for name in header}), "na_filter": False}
         with _quiet_progress():
-            raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+            raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **options)
     except Exception as exc:
         raise ConfigError(f"data.source: cannot read {path} as {builder}: {_first_line(exc)}") from exc
     return raw, str(path), path.stem
@@ -145,7 +160,7 @@ def load_text_dataset(
         unreadable; ``data.text_field``/``data.label_field`` when a column is
         missing or unusable.
     """
-    raw, where, default_source = _load_raw(source, split)
+    raw, where, default_source = load_source(source, split)
     for key, column in (("text_field", text_field), ("label_field", label_field)):
         if column not in raw.column_names:
             raise ConfigError(
