@@ -110,11 +110,15 @@ def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
 PARTITION_ONLY = {"num_clients", "partition", "alpha", "labels_per_client", "min_examples", "partition_key", "option_score"}
 
 
+# Settings that only decide how examples are encoded, or how the base is loaded: never the corpus or the base.
+ENCODING_ONLY = {"max_length", "max_option_length"}
+LOADING_ONLY = {"pretrained", "quantization"}
+
+
 def _base_key(cfg: RunConfig) -> str:
     """Hash of everything that shapes the corpus, its split and the base built on it."""
-    m = cfg.model.model_dump(mode="json")
-    m.pop("pretrained")
-    d = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in PARTITION_ONLY and k != "max_length"}
+    m = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k not in LOADING_ONLY}
+    d = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in PARTITION_ONLY | ENCODING_ONLY}
     # Bump BASE_RECIPE when what the base is pretrained on changes, so stale caches are not reused.
     return _digest({"model": m, "data": d, "recipe": BASE_RECIPE})
 
@@ -213,6 +217,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         task = ChoiceTask(tokenizer, num_options=len(raw[0]["options"]), max_context_tokens=cfg.data.max_length,
                           max_option_tokens=cfg.data.max_option_length)
     data_key = _digest({"base": str(base.resolve()), "split": _base_key(cfg), "max_length": cfg.data.max_length,
+                        "max_option_length": cfg.data.max_option_length,
                         "fields": [cfg.data.text_field, cfg.data.label_field]})
     data_dir = Path(cfg.cache_dir) / f"data-{data_key}"
 

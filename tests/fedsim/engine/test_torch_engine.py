@@ -149,6 +149,10 @@ def test_prepare_keys_cache_by_every_corpus_setting(setup) -> None:  # type: ign
     # Partition-only settings reuse the same base and encoded data.
     regrouped = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "data.partition=dirichlet", "data.alpha=5.0"]))
     assert regrouped.train_path == prepared.train_path and regrouped.base_path == prepared.base_path
+    # Loading and encoding settings reuse the base; an encoding setting re-encodes.
+    loaded = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "model.quantization=4bit", "workers.gpus_per_worker=1",
+                                        "data.max_length=40"]))
+    assert loaded.base_path == prepared.base_path and loaded.train_path != prepared.train_path
 
 
 def test_personal_experts_are_the_start_and_do_not_count_as_downloaded(setup) -> None:  # type: ignore[no-untyped-def]
