@@ -22,6 +22,7 @@ from fedsim.engine.expert_parallel import ExpertParallelExperts, shard_experts
 from fedsim.engine.torch_engine import TorchEngine, TorchEngineSpec
 from fedsim.models import apply_lora, build_layout, family_of, load_pretrained
 from fedsim.prepare import PreparedRun, prepare
+from tests.fedsim.engine.test_choice_engine import write_mmlu
 from tests.fedsim.engine.test_torch_engine import TINY
 
 DELTA_ATOL = 1e-4
@@ -141,3 +142,26 @@ def test_g1_matches_torch_engine_with_shared_experts(tmp_path_factory, world_por
     assert any("shared_expert" in e.param for e in ds.layout.select(role="shared"))
     np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)
     np.testing.assert_allclose(ds.step_losses, reference.step_losses, rtol=LOSS_RTOL)
+
+
+def test_g1_matches_torch_engine_on_a_multiple_choice_task(tmp_path_factory, world_port) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: an MMLU-style file, options scored by log-likelihood (N rows an example)
+    tmp = tmp_path_factory.mktemp("mmlu")
+    cfg = load_config(None, [*TINY, f"cache_dir={tmp / 'cache'}", "data.format=mmlu", f"data.source={write_mmlu(tmp / 'q.jsonl')}",
+                             "data.num_clients=3", "clients_per_round=3", "data.max_length=48", "data.max_option_length=8"])
+    run = prepare(cfg)
+    recipe = dict(base_path=run.base_path, train_path=run.train_path, test_path=run.test_path, label_token_ids=(),
+                  task="choice", lora=cfg.lora, train=cfg.train)
+    reference = TorchEngineSpec(**recipe)()  # type: ignore[arg-type]
+    ds = DeepSpeedEngineSpec(**recipe)(GroupContext(0, 1, "127.0.0.1", world_port))  # type: ignore[arg-type]
+    # Execute
+    want = reference.train(run.partitions[0], reference.initial_payload, _instr(0, 4))
+    got = ds.train(run.partitions[0], ds.initial_payload, _instr(0, 4))
+    scored = ds.evaluate(ds.initial_payload, [(0, run.n_test)])[0]
+    expected = reference.evaluate(reference.initial_payload, [(0, run.n_test)])[0]
+    # Assert
+    assert got is not None
+    np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)
+    np.testing.assert_allclose(ds.step_losses, reference.step_losses, rtol=LOSS_RTOL)
+    assert (scored.correct, scored.count) == (expected.correct, expected.count)
+    assert scored.loss_sum == pytest.approx(expected.loss_sum, rel=1e-5)
