@@ -134,7 +134,9 @@ def _hellaswag_row(row: Mapping[str, Any], i: int, where: str, split_ctx: bool) 
         ctx = _field(row, "ctx", i, where)
     activity = _field(row, "activity_label", i, where)
     endings = _option_list(row.get("endings"), i, where, "endings")
-    doc_id = str(row["ind"]) if row.get("ind") is not None else str(i)
+    # rows cut from one video share its source_id: they stay on one side of the document split
+    key = "source_id" if row.get("source_id") is not None else "ind"
+    doc_id = str(row[key]) if row.get(key) is not None else str(i)
     return _preprocess(activity + ": " + ctx), [" " + _preprocess(e) for e in endings], activity, doc_id
 
 
@@ -177,7 +179,9 @@ def load_choice_dataset(
         ``[0, N)``); ``subject`` (MMLU) or ``activity_label`` (HellaSwag), the
         natural partition key; ``text`` (``context + options[label]``, for
         language-model pretraining); ``doc_id`` (str: the row index, or
-        HellaSwag's ``ind``); ``source`` (str: the file stem or hub name).
+        HellaSwag's ``source_id``, else its ``ind``: the endings of one video
+        stay on one side of the train/test split); ``source`` (str: the file
+        stem or hub name).
 
     Raises
     ------

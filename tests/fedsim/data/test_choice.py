@@ -164,6 +164,14 @@ class TestLoadHellaswag:
         assert list(ds["doc_id"]) == ["24", "9001"]
         assert set(ds["source"]) == {"hs"}
 
+    def test_rows_of_one_video_share_their_source_id_as_document(self, tmp_path):
+        rows = [{"ind": i, "source_id": f"video~{i // 2}", "activity_label": "x", "ctx": "c", "endings": ["a", "b"],
+                 "label": 0} for i in range(4)]
+        path = tmp_path / "v.json"
+        path.write_text(json.dumps(rows))
+        ds = load_choice_dataset(str(path), format="hellaswag")
+        assert list(ds["doc_id"]) == ["video~0", "video~0", "video~1", "video~1"]
+
     def test_ctx_column_is_used_when_ctx_a_and_ctx_b_are_absent_and_doc_id_is_the_row(self, tmp_path):
         rows = [{"activity_label": "Cooking", "ctx": "A cook [step] stirs.", "endings": ["a", "b"], "label": 1}]
         ds = load_choice_dataset(str(_write(tmp_path / "c.json", rows)), format="hellaswag")
