@@ -206,7 +206,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     base = prepare_base(cfg, pretraining_texts(cfg, train, test), words)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
-    except OSError as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: a sentencepiece-only tokenizer without sentencepiece
         raise ConfigError(f"model.pretrained: no tokenizer could be loaded from {base}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:  # many decoder-only checkpoints ship none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
