@@ -122,7 +122,7 @@ def summarise(curves: pd.DataFrame) -> pd.DataFrame:
 
 def plot(curves: pd.DataFrame, alpha: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for setting in [s for s in SETTINGS if s in set(curves["setting"])]:
+    for setting in [s for s in SETTINGS if s in set(curves.loc[curves["alpha"] == alpha, "setting"])]:  # run at this α
         per_round = curves[(curves["alpha"] == alpha) & (curves["setting"] == setting)].groupby("round")["test_accuracy"]
         mean, std = per_round.mean(), per_round.std().fillna(0.0)
         ax.plot(mean.index, mean.values, label=LABELS[setting])
