@@ -172,7 +172,9 @@ class TorchEngine:
         else:
             ids, mask, target = (torch.from_numpy(a).to(to) for a in batch.pack_decoder_only(self._pad_id))
             if recorder is not None:
-                recorder.set_mask(mask * counted)
+                # a context's positions see only the context, so its N rows route it alike: count it in the first
+                first = (torch.arange(ids.shape[0], device=to) % n == 0)[:, None]
+                recorder.set_mask(mask * (first | target.bool()) * counted)
             hidden = self._body.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             rows, cols = target.nonzero(as_tuple=True)
             logits, tokens = self._body.lm_head(hidden[rows, cols - 1]), ids[rows, cols]  # token t follows position t-1

@@ -122,5 +122,13 @@ def test_a_multiple_choice_client_trains_every_payload_class_and_is_evaluated_on
         assert moved > 0, role
     assert len(update.routing) == len(engine.layout.router_layers())
     assert all(abs(s.p_bar.sum() - 1) < 1e-6 for s in update.routing)
+    # each context counted once (not once per option), every option's tokens counted
+    data = ChoiceSplit.load(prepared.train_path).take(rows)
+    context, options = int(data.context_len.sum()), int(data.option_len.sum())
+    counted = [s.n_tokens for s in update.routing]
+    if family == "switch_transformers":  # encoder layers see the contexts, decoder layers the options
+        assert counted == [context] * 2 + [options] * 2
+    else:
+        assert counted == [context + options] * 2
     assert chunks[0].count == prepared.n_test and 0 <= chunks[0].correct <= prepared.n_test
     assert np.isfinite(chunks[0].loss_sum)
