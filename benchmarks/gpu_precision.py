@@ -9,8 +9,8 @@ client with the torch engine at each setting and prints one row per setting:
 - ``train_loss`` and ``cosine_to_fp32``: the client's mean loss, and how close
   its update is to fp32's (bf16 and quantized bases train through rounded
   weights, so the updates differ a little, never in direction);
-- ``status``: ``ok``, or why a setting could not run here (4/8-bit needs a
-  CUDA GPU and bitsandbytes: ``pip install -e '.[quantization]'``).
+- ``status``: ``ok``, or why a setting could not run here (4/8-bit needs
+  bitsandbytes: ``pip install -e '.[quantization]'``; it has CPU kernels too).
 
     python benchmarks/gpu_precision.py                 # ~0.5B-parameter base on the GPU
     python benchmarks/gpu_precision.py --shape tiny    # seconds, on CPU too (the tests run this)

@@ -62,7 +62,7 @@ class ModelConfig(_Section):
     top_k: int = Field(2, ge=1)
     max_position: int = Field(256, ge=16)
     quantization: Literal["none", "8bit", "4bit"] = Field(
-        "none", description="load the frozen base quantized by bitsandbytes (GPU workers, the quantization extra)"
+        "none", description="load the frozen base quantized by bitsandbytes (the quantization extra; CPU or GPU workers)"
     )
     pretrain: PretrainConfig = PretrainConfig()
 
@@ -383,9 +383,6 @@ class RunConfig(_Section):
                 raise ValueError("engine.precision='bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
             if self.model.quantization != "none":
                 raise ValueError("model.quantization: the deepspeed engine shards a full-precision base; use engine.backend='torch'")
-        if self.model.quantization != "none" and not self.workers.gpus_per_worker:
-            raise ValueError(f"model.quantization={self.model.quantization!r} runs bitsandbytes' CUDA kernels: "
-                             "it needs workers.gpus_per_worker > 0")
         if self.system.policy == "async":
             if (self.system.async_buffer or 1) > self.clients_per_round:
                 raise ValueError(f"system.async_buffer={self.system.async_buffer} exceeds the clients in flight "

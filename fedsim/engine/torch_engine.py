@@ -97,7 +97,8 @@ class TorchEngine:
         quiet_libraries()
         self.spec = spec
         self.device = torch.device(spec.device)
-        self._bf16 = spec.precision == "bf16" and not self.own_precision
+        # A quantized base computes in bf16 around its int8/NF4 weights: it runs under autocast like a bf16 one.
+        self._bf16 = (spec.precision == "bf16" or spec.quantization != "none") and not self.own_precision
         half = self._bf16 or spec.quantization != "none"
         base = load_pretrained(spec.base_path, dtype=torch.bfloat16 if half else None, quantization=spec.quantization,
                                device=spec.device)

@@ -201,6 +201,17 @@ def test_each_family_runs_a_fedalign_moe_round(ray_session, tiny_config, tmp_pat
     assert experts.groupby("client").size().eq(2 * 4).all()  # 2 MoE layers × 4 experts, each its own slice
 
 
+def test_a_4bit_base_runs_rounds_on_the_workers(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Execute: every worker loads the base quantized (bitsandbytes' CPU kernels here), two FedAvg rounds
+    result = run(tiny_config("model.quantization=4bit"), out=tmp_path / "nf4")
+
+    # Assert: the rounds complete with real metrics, and the payload is the unquantized run's layout
+    plain = run(tiny_config("rounds=1"), out=tmp_path / "plain")
+    assert result.rounds["test_accuracy"].between(0, 1).all() and np.isfinite(result.rounds["train_loss"]).all()
+    assert result.rounds["clients_completed"].eq(6).all()
+    assert result.rounds["bytes_up"].iloc[0] == plain.rounds["bytes_up"].iloc[0]
+
+
 def test_switch_transformers_runs_a_fedalign_moe_round_over_encoder_and_decoder_experts(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # Execute: encoder-decoder, top-1, text-to-text (the prompt encoded, the label word decoded)
     result = run(tiny_config("model.family=switch_transformers", "model.top_k=1", "strategy.name=fedalign_moe", "rounds=1"),

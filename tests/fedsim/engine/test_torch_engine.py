@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +233,29 @@ def test_bf16_keeps_the_base_in_bf16_the_trainable_slots_in_fp32_and_tracks_the_
     assert abs(reduced.metric("train_loss") - full.metric("train_loss")) < 0.05 * full.metric("train_loss")
 
 
-def test_quantized_base_without_a_gpu_is_a_one_line_config_error(setup) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("quantization", "linear"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_quantized_base_trains_the_same_slots_and_tracks_the_fp32_update(setup, quantization, linear) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the same base loaded quantized by bitsandbytes (its CPU kernels here)
+    engine, prepared = setup
+    quantized = dataclasses.replace(engine.spec, quantization=quantization)()
+    rows = prepared.partitions[1]
+    # Execute
+    full = engine.train(rows, engine.initial_payload, _instr(1, seed=9))
+    reduced = quantized.train(rows, quantized.initial_payload, _instr(1, seed=9))
+    # Assert: attention projections are bitsandbytes modules, routers are not; same layout; trainable slots fp32;
+    # the update points the way fp32's does, but quantization noise moves it
+    kinds = {type(m).__name__ for name, m in quantized.model.named_modules() if name.endswith("q_proj.base_layer")}
+    routers = {type(m).__name__ for name, m in quantized.model.named_modules() if name.endswith(".gate")}
+    assert kinds == {linear} and linear not in routers
+    assert quantized.layout == engine.layout and {p.dtype for p in quantized.trainable} == {torch.float32}
+    assert np.isfinite(reduced.delta).all() and np.isfinite(reduced.metric("train_loss"))
+    cosine = full.delta @ reduced.delta / (np.linalg.norm(full.delta) * np.linalg.norm(reduced.delta))
+    assert 0.5 < cosine < 1.0 - 1e-6
+
+
+def test_quantized_base_without_bitsandbytes_is_a_one_line_config_error(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     engine, _ = setup
-    with pytest.raises(ConfigError, match=r"^model\.quantization: '4bit' (needs bitsandbytes: pip install|runs bitsandbytes' CUDA kernels)"):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^model\.quantization: '4bit' needs bitsandbytes: pip install -e '\.\[quantization\]'$"):
         dataclasses.replace(engine.spec, quantization="4bit")()
