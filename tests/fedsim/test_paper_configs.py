@@ -70,3 +70,37 @@ def test_paper_config_prepares_and_trains_a_client_with_local_stand_ins(path: Pa
     assert update is not None and np.isfinite(update.metric("train_loss")) and np.abs(update.delta).sum() > 0
     if task == "agnews":
         assert prepared.label_names == tuple(sorted(AGNEWS_LABELS)) and len(set(prepared.label_token_ids)) == 4
+
+
+def test_switch_config_loads_a_sentencepiece_only_tokenizer(tmp_path: Path) -> None:
+    # Prepare: google/switch-base-* ship their tokenizer as spiece.model alone; transformers converts it with
+    # sentencepiece (pinned) and protobuf (Ray's). A stand-in base: the tiny Switch's weights beside a
+    # sentencepiece model trained here, T5's special ids (pad 0, eos 1, unk 2)
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    path = PAPER / "switch-mmlu-a0.1.yaml"
+    source = write_mmlu(tmp_path / "mmlu.jsonl")
+    offline = [f"data.source={source}", f"cache_dir={tmp_path / 'cache'}", "workers.gpus_per_worker=0",
+               "data.num_clients=3", "clients_per_round=3", "data.min_examples=2", "train.local_steps=2"]
+    built = prepare(load_config(path, [*offline, *TINY_BASE, "model.top_k=1"]))
+    base = tmp_path / "switch-spiece"
+    base.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (base / name).write_bytes((Path(built.base_path) / name).read_bytes())
+    text = tmp_path / "text.txt"
+    text.write_text("".join(json.loads(line)["question"] + "\n" for line in source.read_text().splitlines()))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(base / "spiece"), vocab_size=60, hard_vocab_limit=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )
+    (base / "spiece.vocab").unlink()
+    (base / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    cfg = load_config(path, [*offline, f"model.pretrained={base}", *TINY_BASE[2:]])
+    # Execute
+    prepared = prepare(cfg)
+    engine = engine_spec(cfg, prepared)()
+    update = engine.train(prepared.partitions[0], engine.initial_payload, ClientInstructions(client_id=0, round_idx=1, seed=0))
+    # Assert: the sentencepiece tokenizer was the one loaded, and a client trained through it
+    assert type(AutoTokenizer.from_pretrained(base)).__name__ == "T5Tokenizer" and Path(prepared.base_path) == base
+    assert update is not None and np.isfinite(update.metric("train_loss")) and np.abs(update.delta).sum() > 0
