@@ -33,3 +33,22 @@ def test_final_early_and_rounds_to_ninety_percent_of_the_best_final():
     assert table.loc["fedalign_moe", "rounds_to_90_mean"] == pytest.approx((2 + 7) / 2)
     assert np.isnan(table.loc["fedavg", "rounds_to_90_mean"]) and table.loc["fedavg", "reached"] == 0
     assert list(table.index) == ["fedavg", "fedalign_moe"]  # the ladder's order
+
+
+def test_differences_to_fedavg_are_paired_by_seed():
+    # Prepare: seed 0 is an easy split (everything high), seed 1 a hard one; fedprox beats fedavg by 0.02 on both;
+    # fedalign ran seed 1 only
+    curves = pd.concat([
+        _curve("fedavg", 0, [0.80] * 12), _curve("fedavg", 1, [0.60] * 12),
+        _curve("fedprox", 0, [0.82] * 12), _curve("fedprox", 1, [0.62] * 12),
+        _curve("fedalign_moe", 1, [0.55] * 12),
+    ])
+
+    # Execute
+    table = summarise(curves).set_index("setting")
+
+    # Assert: the paired difference ignores the split's difficulty; an unpaired mean would say 0.55 − 0.70
+    assert table.loc["fedprox", "final_vs_fedavg"] == pytest.approx(0.02)
+    assert table.loc["fedprox", "early_vs_fedavg"] == pytest.approx(0.02)
+    assert table.loc["fedalign_moe", "final_vs_fedavg"] == pytest.approx(-0.05)
+    assert table.loc["fedalign_moe", "paired_seeds"] == 1 and table.loc["fedavg", "final_vs_fedavg"] == 0.0
