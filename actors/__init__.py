@@ -11,7 +11,7 @@ from typing import Any
 EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": 1024}
 
 from actors.aggregator import Aggregator, RoundSummary
-from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_size
+from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_work
 from actors.worker import ClientWorker, Engine
 
 __all__ = [
@@ -24,5 +24,5 @@ __all__ = [
     "count_finished",
     "gpu_total_bytes",
     "resolve_num_workers",
-    "shard_by_size",
+    "shard_by_work",
 ]

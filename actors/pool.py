@@ -2,8 +2,10 @@
 
 Hundreds of virtual clients share a few resident workers (an idle actor costs
 ~185 MB with torch imported, so never one actor per client). Each round the
-cohort is split into per-worker shards by longest-processing-time on the
-clients' example counts, so the slowest shard is as short as the data allow.
+cohort is split into per-worker shards by longest-processing-time on each
+client's estimated work (the driver's: rows it will train, so a client capped
+at a few local steps weighs what it trains, not what it holds), so the
+slowest shard is as short as the estimates allow.
 
 With ``group_size`` set, each unit of the pool is a worker group
 (``actors.group``): G workers in a STRICT_PACK placement group that train each
@@ -27,17 +29,17 @@ from aggregation.errors import ConfigError
 from aggregation.messages import ClientInstructions
 
 
-def shard_by_size(sizes: Sequence[int], num_workers: int) -> list[list[int]]:
-    """Positions of ``sizes`` split into ``num_workers`` shards, largest first onto the least loaded.
+def shard_by_work(work: Sequence[float], num_workers: int) -> list[list[int]]:
+    """Positions of ``work`` split into ``num_workers`` shards, largest first onto the least loaded.
 
     Deterministic (ties broken by worker index), so the same cohort always maps the same way.
     """
     heap = [(0, w) for w in range(num_workers)]
     shards: list[list[int]] = [[] for _ in range(num_workers)]
-    for pos in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    for pos in sorted(range(len(work)), key=lambda i: (-work[i], i)):
         load, w = heapq.heappop(heap)
         shards[w].append(pos)
-        heapq.heappush(heap, (load + sizes[pos], w))
+        heapq.heappush(heap, (load + work[pos], w))
     return shards
 
 
@@ -187,10 +189,11 @@ class WorkerPool:
         payload_ref: ray.ObjectRef,
         instructions: Sequence[ClientInstructions],
         indices: Sequence[np.ndarray],
+        work: Sequence[float],
     ) -> list[ray.ObjectRef]:
-        """Queue each client on a worker; return the update refs in cohort order."""
+        """Queue each client on a worker, balancing ``work``; return the update refs in cohort order."""
         refs: list[ray.ObjectRef | None] = [None] * len(instructions)
-        for w, shard in enumerate(shard_by_size([len(ix) for ix in indices], len(self.workers))):
+        for w, shard in enumerate(shard_by_work(work, len(self.workers))):
             for pos in shard:  # every rank of a group gets the same clients in the same order
                 unit_refs = [member.train.remote(indices[pos], payload_ref, instructions[pos]) for member in self.units[w]]
                 refs[pos] = unit_refs[0]

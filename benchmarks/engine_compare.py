@@ -58,7 +58,7 @@ def client_seconds(cfg, clients: list[int], repeats: int) -> tuple[float, float]
         _, initial = pool.describe()
         payload = ray.put(initial)
         train = lambda cid, seed: pool.submit(  # noqa: E731
-            payload, [ClientInstructions(client_id=cid, round_idx=1, seed=seed)], [prepared.partitions[cid]])[0]
+            payload, [ClientInstructions(client_id=cid, round_idx=1, seed=seed)], [prepared.partitions[cid]], [1.0])[0]
         ray.get(train(clients[0], 0))  # warm-up: first forward passes, allocator, gloo buffers
         updates = [ray.get(train(cid, rep)) for rep in range(repeats) for cid in clients]
     finally:

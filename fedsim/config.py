@@ -157,6 +157,18 @@ class TrainConfig(_Section):
         "forward passes (no extra pass); off: none",
     )
 
+    def client_work(self, n_examples: int) -> float:
+        """A client's share of a round's compute, in training rows: what the worker pool balances.
+
+        With ``local_steps`` every client big enough trains the same number of
+        rows, whatever its size; the ``after`` statistics pass reads each
+        example once more, forward only (about a third of a training row).
+        """
+        rows = self.local_epochs * n_examples
+        if self.local_steps is not None:
+            rows = min(rows, self.local_steps * self.batch_size)
+        return rows + (n_examples / 3 if self.routing_stats == "after" else 0.0)
+
 
 class FedAlignConfig(_Section):
     """FedAlign-MoE options (spec ../shared/spec/fedalign_moe.md); defaults are the full method."""

@@ -400,7 +400,8 @@ def _loop(
         cohort = sampler.sample(online, count)
         log.debug("round %d cohort %s (%d of %d clients online)", r, cohort, len(online), cfg.data.num_clients)
         instructions = ray.get(aggregator.configure.remote(r, cohort, [client_seed(cfg.seed, r, c) for c in cohort]))
-        refs = pool.submit(payload_ref, instructions, [prepared.partitions[c] for c in cohort])
+        rows = [prepared.partitions[c] for c in cohort]
+        refs = pool.submit(payload_ref, instructions, rows, [cfg.train.client_work(len(ix)) for ix in rows])
         new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs, clock)
         done = 0
         while done < len(refs):
@@ -514,7 +515,8 @@ def _loop_async(
             return
         seeds = [client_seed(cfg.seed, version + 1, c) for c in clients]
         instructions = ray.get(aggregator.configure.remote(version + 1, clients, seeds))
-        refs = pool.submit(versions[version], instructions, [prepared.partitions[c] for c in clients])
+        rows = [prepared.partitions[c] for c in clients]
+        refs = pool.submit(versions[version], instructions, rows, [cfg.train.client_work(len(ix)) for ix in rows])
         flights.extend(Flight(c, start_s, version, ref) for c, ref in zip(clients, refs, strict=True))
 
     launch(cfg.clients_per_round, 0.0, 0)

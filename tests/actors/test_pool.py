@@ -4,22 +4,42 @@ from __future__ import annotations
 
 import pytest
 
-from actors.pool import resolve_num_workers, shard_by_size
+from actors.pool import resolve_num_workers, shard_by_work
+from fedsim.config import TrainConfig
 from aggregation.errors import ConfigError
 
 
-def test_shard_by_size_balances_longest_first() -> None:
-    # Prepare: sizes 10, 1, 7, 3, 5 over 2 workers -> LPT: 10→w0, 7→w1, 5→w1, 3→w0, 1→w1 (loads 13, 13)
-    sizes = [10, 1, 7, 3, 5]
+def test_shard_by_work_balances_longest_first() -> None:
+    # Prepare: work 10, 1, 7, 3, 5 over 2 workers -> LPT: 10→w0, 7→w1, 5→w1, 3→w0, 1→w1 (loads 13, 13)
+    work = [10, 1, 7, 3, 5]
     # Execute
-    shards = shard_by_size(sizes, 2)
+    shards = shard_by_work(work, 2)
     # Assert
     assert shards == [[0, 3], [2, 4, 1]]
     assert sorted(p for s in shards for p in s) == list(range(5))
 
 
-def test_shard_by_size_more_workers_than_clients_leaves_empty_shards() -> None:
-    assert shard_by_size([4, 2], 3) == [[0], [1], []]
+def test_shard_by_work_more_workers_than_clients_leaves_empty_shards() -> None:
+    assert shard_by_work([4, 2], 3) == [[0], [1], []]
+
+
+def test_clients_capped_at_local_steps_weigh_what_they_train_not_what_they_hold() -> None:
+    # Prepare: one client holds 2000 examples, nine hold 200; 8 steps of 16 rows cap every one of them at 128 rows
+    sizes = [2000] + [200] * 9
+    capped = TrainConfig(local_steps=8, batch_size=16, routing_stats="off")
+    # Execute
+    by_size = shard_by_work(sizes, 2)
+    by_work = shard_by_work([capped.client_work(n) for n in sizes], 2)
+    # Assert: by size, the big client would train alone while the other worker trains nine; by work, 5 and 5
+    assert sorted(len(s) for s in by_size) == [1, 9]
+    assert sorted(len(s) for s in by_work) == [5, 5]
+
+
+def test_client_work_counts_epochs_the_step_cap_and_the_statistics_pass() -> None:
+    assert TrainConfig(local_epochs=2, routing_stats="off").client_work(30) == 60
+    assert TrainConfig(local_epochs=2, local_steps=3, batch_size=8, routing_stats="off").client_work(30) == 24
+    assert TrainConfig(local_steps=3, batch_size=8, routing_stats="off").client_work(10) == 10  # fewer rows than the cap
+    assert TrainConfig(routing_stats="after").client_work(30) == 40  # one forward pass over 30 ≈ 10 training rows
 
 
 @pytest.mark.ray

@@ -42,7 +42,7 @@ def test_group_of_two_trains_a_client_as_the_torch_engine_does(ray_session, tiny
         rows = prepared.partitions[0]
         instr = ClientInstructions(client_id=0, round_idx=1, seed=11)
         # Execute
-        [ref] = pool.submit(payload, [instr], [rows])
+        [ref] = pool.submit(payload, [instr], [rows], [1.0])
         got = ray.get(ref)
         chunks = [(0, 5), (5, 9)]
         evaluated = pool.evaluate(payload, chunks)
