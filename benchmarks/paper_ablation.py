@@ -135,15 +135,19 @@ def _paired_with_fedavg(per_run: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(curves: pd.DataFrame, alpha: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    tab20 = plt.get_cmap("tab20").colors
+    colours = tab20[0::2] + tab20[1::2]  # one fixed colour per setting in every α's plot; past ten, light and dashed
     for setting in [s for s in SETTINGS if s in set(curves.loc[curves["alpha"] == alpha, "setting"])]:  # run at this α
         per_round = curves[(curves["alpha"] == alpha) & (curves["setting"] == setting)].groupby("round")["test_accuracy"]
         mean, std = per_round.mean(), per_round.std().fillna(0.0)
-        ax.plot(mean.index, mean.values, label=LABELS[setting])
-        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15)
+        index = list(SETTINGS).index(setting)
+        colour = colours[index % len(colours)]
+        ax.plot(mean.index, mean.values, label=LABELS[setting], color=colour, linestyle="--" if index >= 10 else "-")
+        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.1, color=colour)
     ax.set(xlabel="round", ylabel="global test accuracy", title=f"Dirichlet α = {alpha} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
