@@ -27,7 +27,7 @@ from aggregation.messages import ClientInstructions
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout, Role
 from aggregation.personal import PersonalExperts
 from aggregation.routing_alignment import ScoreMode
-from aggregation.routing_stats import total_variation
+from aggregation.routing_stats import RoutingStats, total_variation
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
 from aggregation.weighting import accumulate
 
@@ -219,25 +219,27 @@ class FedAlignMoE(Strategy):
         if len(n):
             for (a, b), acc in zip(self._shared, self._shared_sum, strict=True):
                 new[a:b] = (base[a:b].astype(np.float64) + acc / n.sum()).astype(PAYLOAD_DTYPE)
-            report.update(self._routing_pass(new, n))
-            pi_sum, merged, expert_report = self._expert_pass(new, n)
+            # every client's statistics per layer on a leading client axis, stacked once for both modules
+            cohort = [RoutingStats.stack([r.update.routing[layer] for r in self._readers])
+                      for layer in range(self.num_layers)]
+            report.update(self._routing_pass(new, n, cohort))
+            pi_sum, merged, expert_report = self._expert_pass(new, n, cohort)
             report.update(expert_report)
             weights = pi_sum / merged if merged else n / n.sum()
         client_weights = {cid: float(w) for cid, w in zip(self._ids, weights, strict=True)}
         self._global, self._readers, self._shared_sum = None, [], []  # release the object-store views
         return RoundResult(new, report, client_weights)
 
-    def _routing_pass(self, new: np.ndarray, n: np.ndarray) -> dict[str, float]:
+    def _routing_pass(self, new: np.ndarray, n: np.ndarray, cohort: list[RoutingStats]) -> dict[str, float]:
         """Module 1, eqs. 1–6: ω, p_g, router rows and α, layer by layer; writes routers into ``new``."""
         opts = self.options
         p_g_new = self._p_g.copy()
         alpha = np.ones((len(n), self.num_layers, self.num_experts))
         entropies: list[float] = []
         for layer in range(self.num_layers):
-            stats = [r.update.routing[layer] for r in self._readers]
-            p_bar = np.stack([st.p_bar for st in stats])
+            p_bar = cohort[layer].p_bar
             o = ra.overlap(p_bar, self._p_g[layer])
-            s = ra.consistency_scores(o, np.stack([st.margin for st in stats]), opts.score_mode)
+            s = ra.consistency_scores(o, cohort[layer].margin, opts.score_mode)
             if opts.gating == "consistency":
                 omega = ra.consistency_weights(s, n)
             else:
@@ -273,7 +275,9 @@ class FedAlignMoE(Strategy):
             merged = ra.merge_router_rows(new[lo:hi].reshape(self.num_experts, -1), rows, weights)
             new[lo:hi] = merged.reshape(-1).astype(PAYLOAD_DTYPE)
 
-    def _expert_pass(self, new: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, int, dict[str, float]]:
+    def _expert_pass(
+        self, new: np.ndarray, n: np.ndarray, cohort: list[RoutingStats]
+    ) -> tuple[np.ndarray, int, dict[str, float]]:
         """Module 2, eqs. 7–12, one (layer, expert) slice × cohort in memory at a time."""
         opts = self.options
         pi_sum = np.zeros(len(n))
@@ -284,17 +288,16 @@ class FedAlignMoE(Strategy):
             views = np.empty((len(n), self.personal.size), dtype=PAYLOAD_DTYPE)
         spans = [self.layout.expert_span(*key) for key in self.layout.expert_keys()]
         width = max((b - a for a, b in spans), default=0)
-        cohort_slice = np.empty((len(n), width), dtype=PAYLOAD_DTYPE)  # the one slice × cohort held at a time
-        signatures: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer → μ [N, E, d], counts [N, E]
+        cohort_slice = np.empty(len(n) * width, dtype=PAYLOAD_DTYPE)  # the one slice × cohort held at a time
+        signatures: dict[int, np.ndarray] = {}  # layer → μ [N, E, d]
         for (layer, expert), (a, b) in zip(self.layout.expert_keys(), spans, strict=True):
-            deltas = cohort_slice[:, : b - a]
-            np.stack([r.read(a, b) for r in self._readers], out=deltas)  # one slice × cohort, copied in one call
+            # one slice × cohort, copied in one call into a contiguous [N, |θ(e)|] block
+            deltas = np.concatenate([r.read(a, b) for r in self._readers], out=cohort_slice[: len(n) * (b - a)])
+            deltas = deltas.reshape(len(n), b - a)
             if opts.semantic:
                 if layer not in signatures:
-                    stats = [r.update.routing[layer] for r in self._readers]
-                    signatures = {layer: (np.stack([st.mu for st in stats]), np.stack([st.counts for st in stats]))}
-                mu, counts = signatures[layer]
-                sigma, counted = sa.signature_similarity(mu[:, expert], counts[:, expert])
+                    signatures = {layer: cohort[layer].mu}
+                sigma, counted = sa.signature_similarity(signatures[layer][:, expert], cohort[layer].counts[:, expert])
                 if opts.direction_consensus:
                     consensus = sa.direction_consensus(sa.slice_gram(deltas))
                 else:  # ablation: γ from the σ gate alone

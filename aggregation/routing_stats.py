@@ -8,6 +8,7 @@ Spec: ../shared/spec/fedalign_moe.md, "What a client computes and uploads".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Self
 
@@ -21,6 +22,10 @@ _TINY = 1e-30
 @dataclass(frozen=True, slots=True)
 class RoutingStats:
     """Sums over the non-padding tokens a client routed through one MoE layer.
+
+    ``stack`` puts a cohort's statistics of one layer on a leading client axis
+    (n_tokens [N], the arrays [N, E] and [N, E, d]); every derived quantity
+    below is then computed for all N clients in one operation.
 
     Attributes
     ----------
@@ -36,7 +41,7 @@ class RoutingStats:
         Σ over routed x of the hidden state x entering the MoE block.
     """
 
-    n_tokens: int
+    n_tokens: int | np.ndarray
     p_sum: np.ndarray
     counts: np.ndarray
     margin_sum: np.ndarray
@@ -53,6 +58,11 @@ class RoutingStats:
             x_sum=np.zeros((num_experts, hidden_size), dtype=np.float64),
         )
 
+    @classmethod
+    def stack(cls, stats: Sequence[Self]) -> Self:
+        """The statistics of N clients (one layer) on a leading client axis."""
+        return cls(*(np.stack([getattr(st, f.name) for st in stats]) for f in fields(cls)))
+
     def __add__(self, other: Self) -> Self:
         if self.x_sum.shape != other.x_sum.shape:
             raise ValueError(f"cannot add RoutingStats of shapes {self.x_sum.shape} and {other.x_sum.shape}")
@@ -66,12 +76,12 @@ class RoutingStats:
 
     @property
     def num_experts(self) -> int:
-        return int(self.p_sum.shape[0])
+        return int(self.p_sum.shape[-1])
 
     @property
     def p_bar(self) -> np.ndarray:
         """Spec stat 1: p̄(e), the mean router probability [E]."""
-        return self.p_sum / max(self.n_tokens, _TINY)
+        return self.p_sum / np.maximum(self.n_tokens, _TINY)[..., None]
 
     @property
     def margin(self) -> np.ndarray:
@@ -81,7 +91,7 @@ class RoutingStats:
     @property
     def mu(self) -> np.ndarray:
         """Spec stat 4: μ(e), the semantic signature, mean routed hidden state [E, d]."""
-        return self.x_sum / np.maximum(self.counts, _TINY)[:, None]
+        return self.x_sum / np.maximum(self.counts, _TINY)[..., None]
 
     @property
     def nbytes(self) -> int:

@@ -20,6 +20,11 @@ synthetic client updates (random deltas and routing statistics):
    USS grew from the smallest cohort beyond the growth of what must be held,
    relative to the smallest cohort's USS (target < 0.10).
 
+Tables 1 and 2 run in this process with one BLAS / OpenMP / torch thread:
+what Ray gives the Aggregator actor (``num_cpus=0``: ``OMP_NUM_THREADS=1``).
+With two BLAS threads on two cores, OpenBLAS's idle thread spins after each
+Gram product and slows the slice copies that follow it (4× under load).
+
     .venv/bin/python benchmarks/aggregate.py [--shape tiny|demo] [--quick]
 """
 
@@ -32,12 +37,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
+import torch  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
 from actors.aggregator import Aggregator  # noqa: E402
@@ -139,6 +146,7 @@ def pairwise_seconds(layout: PayloadLayout, updates: list[ClientUpdate]) -> floa
         consensus = sa.direction_consensus(sa.slice_gram(deltas))
         tau = sa.threshold(sigma, counted)
         sa.client_weights(sa.gate_weights(sigma, counted, consensus, tau), n)
+        sa.excluded_pairs(sigma, counted, tau)
         total += time.perf_counter() - t
     return total
 
@@ -217,9 +225,11 @@ def main() -> None:
     if args.quick:
         args.throughput_clients, args.pairwise_clients, args.memory_clients, args.repeats = [10], [10, 50], [10, 50], 1
     quiet_libraries()
+    torch.set_num_threads(1)  # as the Aggregator actor runs (see the module docstring)
     layout, hidden = real_layout(args.shape)
     print(f"payload: {layout.total} float32 ({layout.nbytes / 2**20:.3f} MiB), "
-          f"{len(layout.expert_keys())} expert slices, shape {args.shape}")
+          f"{len(layout.expert_keys())} expert slices, shape {args.shape}; one thread "
+          f"(OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, as in the Aggregator actor)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"throughput": throughput_table(layout, hidden, args.throughput_clients, args.repeats),

@@ -218,3 +218,31 @@ class TestAddition:
         np.testing.assert_array_equal(p_bar, [0.25, 0.75, 0.0])
         assert not np.array_equal(p_bar, (r0.p_bar + r1.p_bar) / 2)
 
+
+
+class TestStack:
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(_stats_strategy(_dyadic), min_size=1, max_size=5))
+    def test_stacked_means_equal_each_clients_own_when_clients_are_stacked(self, stats):
+        # Execute
+        cohort = RoutingStats.stack(stats)
+
+        # Assert: row i of every derived quantity is client i's, bit for bit
+        assert cohort.num_experts == E
+        for i, s in enumerate(stats):
+            np.testing.assert_array_equal(cohort.p_bar[i], s.p_bar)
+            np.testing.assert_array_equal(cohort.margin[i], s.margin)
+            np.testing.assert_array_equal(cohort.mu[i], s.mu)
+            np.testing.assert_array_equal(cohort.counts[i], s.counts)
+
+    def test_stack_puts_clients_on_a_leading_axis(self):
+        # Prepare
+        a = _stats(4, [1.0, 2.0, 1.0], [2, 4, 2], [0, 0, 0], np.ones((E, D)))
+        b = _stats(0, [0.0, 0.0, 0.0], [0, 0, 0], [0, 0, 0], np.zeros((E, D)))
+
+        # Execute
+        cohort = RoutingStats.stack([a, b])
+
+        # Assert
+        assert cohort.n_tokens.shape == (2,) and cohort.x_sum.shape == (2, E, D)
+        np.testing.assert_array_equal(cohort.p_bar, [[0.25, 0.5, 0.25], [0.0, 0.0, 0.0]])
