@@ -13,7 +13,8 @@ adaptive α → semantic aggregation = the full method). Writes:
 
 Each run's directory is kept under ``--out/runs``, named by setting, α, seed
 and a digest of its whole configuration; a completed run of the same
-configuration is read back instead of rerun, so an interrupted grid resumes.
+configuration is read back instead of rerun, and an interrupted one continues
+from its last checkpoint (``fedsim resume``), so an interrupted grid resumes.
 
     .venv/bin/python benchmarks/paper_ablation.py                    # the full grid (hours on 2 cores)
     .venv/bin/python benchmarks/paper_ablation.py --alphas 0.1 --settings fedavg fedprox fedmoe fedalign_moe
@@ -39,8 +40,9 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+from fedsim.checkpoint import FILENAME as CHECKPOINT  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
-from fedsim.driver import run  # noqa: E402
+from fedsim.driver import resume, run  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
 
 _LADDER = "strategy.name=fedalign_moe"
@@ -80,6 +82,10 @@ def run_once(config: str, setting: str, alpha: float, seed: int, extra: list[str
     out = runs / f"{setting}-a{alpha}-s{seed}-{cfg.digest()[:8]}"  # the digest: other overrides, other runs
     if _completed(out):
         return pd.read_parquet(out / "rounds.parquet")
+    if (out / CHECKPOINT).exists():  # an interrupted run of this configuration: continue it exactly
+        return resume(out).rounds
+    if out.exists():
+        raise SystemExit(f"{out}: an unfinished run without a checkpoint; remove it to run it again")
     return run(cfg, out=out).rounds
 
 

@@ -1,11 +1,16 @@
-"""The ablation table's summary columns on hand-made accuracy curves."""
+"""The ablation table's summary columns on hand-made accuracy curves; which runs the grid reuses, continues or refuses."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks import paper_ablation
 from benchmarks.paper_ablation import summarise
 
 
@@ -52,3 +57,49 @@ def test_differences_to_fedavg_are_paired_by_seed():
     assert table.loc["fedprox", "early_vs_fedavg"] == pytest.approx(0.02)
     assert table.loc["fedalign_moe", "final_vs_fedavg"] == pytest.approx(-0.05)
     assert table.loc["fedalign_moe", "paired_seeds"] == 1 and table.loc["fedavg", "final_vs_fedavg"] == 0.0
+
+
+class TestRunOnce:
+    """``run_once`` on the directory a (setting, α, seed, configuration) maps to; no run is started."""
+
+    @pytest.fixture
+    def calls(self, monkeypatch) -> list[str]:
+        calls: list[str] = []
+        rounds = pd.DataFrame({"round": [1], "test_accuracy": [0.5]})
+        monkeypatch.setattr(paper_ablation, "run", lambda cfg, out: calls.append(f"run {out.name}") or SimpleNamespace(rounds=rounds))
+        monkeypatch.setattr(paper_ablation, "resume", lambda out: calls.append(f"resume {out.name}") or SimpleNamespace(rounds=rounds))
+        return calls
+
+    def _dir(self, runs: Path, calls: list[str]) -> Path:
+        paper_ablation.run_once(None, "fedavg", 0.1, 0, [], runs)  # a fresh directory: a new run
+        (name,) = [c.split()[1] for c in calls]
+        calls.clear()
+        return runs / name
+
+    def test_a_completed_run_is_read_back(self, tmp_path, calls):
+        run_dir = self._dir(tmp_path, calls)
+        run_dir.mkdir()
+        (run_dir / "status.json").write_text(json.dumps({"status": "completed"}))
+        pd.DataFrame({"round": [1, 2], "test_accuracy": [0.4, 0.6]}).to_parquet(run_dir / "rounds.parquet")
+
+        rounds = paper_ablation.run_once(None, "fedavg", 0.1, 0, [], tmp_path)
+
+        assert calls == [] and rounds["test_accuracy"].tolist() == [0.4, 0.6]
+
+    def test_an_interrupted_run_with_a_checkpoint_is_resumed(self, tmp_path, calls):
+        run_dir = self._dir(tmp_path, calls)
+        run_dir.mkdir()
+        (run_dir / "status.json").write_text(json.dumps({"status": "running"}))
+        (run_dir / paper_ablation.CHECKPOINT).write_bytes(b"")
+
+        paper_ablation.run_once(None, "fedavg", 0.1, 0, [], tmp_path)
+
+        assert calls == [f"resume {run_dir.name}"]
+
+    def test_an_interrupted_run_without_a_checkpoint_is_refused_naming_it(self, tmp_path, calls):
+        run_dir = self._dir(tmp_path, calls)
+        run_dir.mkdir()
+
+        with pytest.raises(SystemExit, match=run_dir.name):
+            paper_ablation.run_once(None, "fedavg", 0.1, 0, [], tmp_path)
+        assert calls == []
