@@ -199,6 +199,9 @@ def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.Dat
             del refs
             summary = ray.get(summary_ref)
             del new_ref
+            if summary.failures or len(summary.clients) != n:
+                raise SystemExit(f"memory table, {name} at {n} clients: {len(summary.clients)} updates merged, "
+                                 f"{len(summary.failures)} failed (first: {summary.failures[:1]})")
             hold = must_hold_mib(name, layout, sample, n)
             rows.append({"strategy": name, "clients": n, "cohort_mib": n * layout.nbytes / 2**20, **hold,
                          "must_hold_mib": sum(hold.values()),
