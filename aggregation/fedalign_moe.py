@@ -269,9 +269,7 @@ class FedAlignMoE(Strategy):
         """Eq. 5 on every router entry of ``layer``: row e of an [E, ...] entry is expert e's."""
         for entry in self.layout.select(role="router", layer=layer):  # every one is [E, ...] (checked at init)
             lo, hi = entry.offset, entry.offset + entry.size
-            rows = np.empty((len(self._readers), self.num_experts, entry.size // self.num_experts))
-            for i, r in enumerate(self._readers):
-                rows[i] = r.read(lo, hi).reshape(self.num_experts, -1)
+            rows = np.concatenate([r.read(lo, hi) for r in self._readers]).reshape(len(self._readers), self.num_experts, -1)
             merged = ra.merge_router_rows(new[lo:hi].reshape(self.num_experts, -1), rows, weights)
             new[lo:hi] = merged.reshape(-1).astype(PAYLOAD_DTYPE)
 

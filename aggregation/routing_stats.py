@@ -60,8 +60,21 @@ class RoutingStats:
 
     @classmethod
     def stack(cls, stats: Sequence[Self]) -> Self:
-        """The statistics of N clients (one layer) on a leading client axis."""
-        return cls(*(np.stack([getattr(st, f.name) for st in stats]) for f in fields(cls)))
+        """The statistics of N clients (one layer) on a leading client axis.
+
+        One ``concatenate`` per field rather than ``np.stack``, whose per-array
+        Python work (~1.5 µs) was most of FedAlign-MoE's stacking time at 100 clients.
+        """
+        if not stats:
+            raise ValueError("RoutingStats.stack needs at least one client's statistics")
+        columns = []
+        for f in fields(cls):
+            arrays = [np.asarray(getattr(st, f.name)) for st in stats]
+            shape = arrays[0].shape
+            if any(a.shape != shape for a in arrays):
+                raise ValueError(f"cannot stack RoutingStats whose {f.name} shapes differ: {sorted({a.shape for a in arrays})}")
+            columns.append(np.array(arrays) if not shape else np.concatenate(arrays).reshape(len(arrays), *shape))
+        return cls(*columns)
 
     def __add__(self, other: Self) -> Self:
         if self.x_sum.shape != other.x_sum.shape:

@@ -6,6 +6,7 @@ from functools import reduce
 from operator import add
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -246,3 +247,16 @@ class TestStack:
         # Assert
         assert cohort.n_tokens.shape == (2,) and cohort.x_sum.shape == (2, E, D)
         np.testing.assert_array_equal(cohort.p_bar, [[0.25, 0.5, 0.25], [0.0, 0.0, 0.0]])
+
+    def test_stack_refuses_clients_whose_shapes_differ_by_name(self):
+        # Prepare: same number of values, different shapes ([3, 4] against [4, 3]): a plain reshape would pass
+        a = _stats(1, [1.0, 0.0, 0.0], [1, 0, 0], [0, 0, 0], np.zeros((E, D)))
+        b = RoutingStats(n_tokens=1, p_sum=a.p_sum, counts=a.counts, margin_sum=a.margin_sum, x_sum=np.zeros((D, E)))
+
+        # Execute / Assert
+        with pytest.raises(ValueError, match="x_sum shapes differ"):
+            RoutingStats.stack([a, b])
+
+    def test_stack_of_no_clients_is_refused(self):
+        with pytest.raises(ValueError, match="at least one"):
+            RoutingStats.stack([])
