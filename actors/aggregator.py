@@ -10,7 +10,6 @@ result is bit-identical whatever the number of workers or arrival order.
 from __future__ import annotations
 
 import math
-
 import os
 import resource
 from collections.abc import Callable

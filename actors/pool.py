@@ -43,6 +43,13 @@ def shard_by_work(work: Sequence[float], num_workers: int) -> list[list[int]]:
     return shards
 
 
+def round_robin(shards: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """(worker, position) pairs taking each shard's first position, then each one's second, ...;
+    every shard keeps its own order."""
+    depth = max((len(s) for s in shards), default=0)
+    return [(w, shard[k]) for k in range(depth) for w, shard in enumerate(shards) if k < len(shard)]
+
+
 def resolve_num_workers(
     requested: int, *, cpus_per_worker: float, gpus_per_worker: float, group_size: int | None = None,
     reserve_cpus: float = 0.0,
@@ -191,12 +198,18 @@ class WorkerPool:
         indices: Sequence[np.ndarray],
         work: Sequence[float],
     ) -> list[ray.ObjectRef]:
-        """Queue each client on a worker, balancing ``work``; return the update refs in cohort order."""
+        """Queue each client on a worker, balancing ``work``; return the update refs in cohort order.
+
+        Submitted round-robin over the shards (each worker's first client, then each one's
+        second, ...), so every worker starts after about one submission per worker; shard by
+        shard, the last of W workers waited for (W−1)/W of the cohort's submissions
+        (~0.4 ms each) before its first client was sent.
+        """
         refs: list[ray.ObjectRef | None] = [None] * len(instructions)
-        for w, shard in enumerate(shard_by_work(work, len(self.workers))):
-            for pos in shard:  # every rank of a group gets the same clients in the same order
-                unit_refs = [member.train.remote(indices[pos], payload_ref, instructions[pos]) for member in self.units[w]]
-                refs[pos] = unit_refs[0]
+        for w, pos in round_robin(shard_by_work(work, len(self.workers))):
+            # every rank of a group gets the same clients in the same order
+            unit_refs = [member.train.remote(indices[pos], payload_ref, instructions[pos]) for member in self.units[w]]
+            refs[pos] = unit_refs[0]
         return [r for r in refs if r is not None]
 
     def evaluate(self, payload_ref: ray.ObjectRef, chunks: Sequence[tuple[int, int]]) -> list[Any]:

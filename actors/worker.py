@@ -52,9 +52,10 @@ class ClientWorker:
         Returned, not ``ray.put`` here: a task's return is owned by the caller
         and lives in the node's object store, so updates already finished
         survive this worker's death while Ray restarts it and retries the
-        client in flight. (Returns under ``max_direct_call_object_size`` would
-        be inlined into every process handed the reference; the embedded Ray
-        lowers that limit, see ``actors.EMBEDDED_SYSTEM_CONFIG``.)
+        client in flight. (Returns under ``max_direct_call_object_size`` are
+        inlined into every process handed the reference, and held by the
+        caller; the embedded Ray lowers that limit when a round's small
+        updates would add up, see ``actors.embedded_system_config``.)
         """
         try:
             return self.engine.train(indices, payload, instructions)

@@ -14,7 +14,8 @@ synthetic client updates (random deltas and routing statistics):
 2. pairwise: FedAlign-MoE's O(N²) terms (σ, the Gram matrix, D, τ, γ, π, the
    excluded-pair count) per round at N = 10, 100, 500, timed inside the
    round (``timing_pairwise``), and their share of the round;
-3. memory: the Aggregator actor on a local Ray, fed N updates that remote
+3. memory: the Aggregator actor on a local Ray configured for an N-client
+   round as the driver configures its embedded Ray, fed N updates that remote
    tasks put in the object store as workers do; its peak RSS and private
    memory (USS) after the round, against what it must hold (``must_hold_mib``).
    Updates read zero-copy from the object store are shared pages: they count
@@ -50,7 +51,7 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+from actors import embedded_system_config  # noqa: E402
 from actors.aggregator import Aggregator  # noqa: E402
 from aggregation import ArrayReader, ClientUpdate, FedAlignMoE, FedAvg, FedMoE, PayloadLayout, RoutingStats  # noqa: E402
 from aggregation import semantic_alignment as sa  # noqa: E402
@@ -222,10 +223,13 @@ def must_hold_mib(name: str, layout: PayloadLayout, update: ClientUpdate, n: int
 
 
 def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.DataFrame:
-    """A fresh Aggregator actor per strategy and cohort size, so its peak RSS is that round's."""
+    """A fresh Ray per cohort size, configured as the driver would for such a round
+    (``embedded_system_config``), and a fresh Aggregator actor per strategy, so its peak RSS is that round's."""
     sample = synthetic_update(layout, hidden, 0)
     rows = []
     for n in sizes:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 _system_config=embedded_system_config(layout.nbytes, n))
         for name in ("fedavg", "fedalign_moe"):
             aggregator = Aggregator.remote(STRATEGIES[name], layout, measure_memory=True)
             refs = [_remote_update.remote(layout, hidden, c) for c in range(n)]
@@ -243,6 +247,7 @@ def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.Dat
                          "must_hold_mib": sum(hold.values()),
                          "peak_rss_mib": summary.aggregator_peak_rss_mib, "uss_mib": summary.aggregator_uss_mib})
             ray.kill(aggregator)
+        ray.shutdown()
     table = pd.DataFrame(rows)
     first_uss = table.groupby("strategy")["uss_mib"].transform("first")
     first_hold = table.groupby("strategy")["must_hold_mib"].transform("first")
@@ -273,11 +278,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tables = {"throughput": throughput_table(layout, hidden, args.throughput_clients, args.repeats),
               "pairwise": pairwise_table(layout, hidden, args.pairwise_clients, args.repeats)}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
-    try:
-        tables["memory"] = memory_table(layout, hidden, args.memory_clients)
-    finally:
-        ray.shutdown()
+    tables["memory"] = memory_table(layout, hidden, args.memory_clients)
     for name, table in tables.items():
         table.to_csv(out / f"aggregate_{name}_{args.shape}.csv", index=False)
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -22,9 +22,9 @@ for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLE
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
-from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
-from fedsim.driver import run  # noqa: E402
+from fedsim.driver import ray_system_config, run  # noqa: E402
+from fedsim.prepare import prepare  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
 
 TINY = [
@@ -45,14 +45,16 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     rows = []
-    try:
-        for n in args.clients:
-            cfg = load_config(None, [*TINY, f"name=overhead{n}", f"rounds={args.rounds}", f"clients_per_round={n}",
-                                     f"data.num_clients={n}", f"data.synthetic_docs_per_label={max(12, 4 * n)}",
-                                     f"workers.num_workers={args.workers}", f"cache_dir={work / 'cache'}",
-                                     f"eval.every={args.rounds}", *args.overrides])
+    for n in args.clients:
+        cfg = load_config(None, [*TINY, f"name=overhead{n}", f"rounds={args.rounds}", f"clients_per_round={n}",
+                                 f"data.num_clients={n}", f"data.synthetic_docs_per_label={max(12, 4 * n)}",
+                                 f"workers.num_workers={args.workers}", f"cache_dir={work / 'cache'}",
+                                 f"eval.every={args.rounds}", *args.overrides])
+        # a Ray per cohort size, configured as the driver configures its embedded Ray for this run
+        ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING",
+                 _system_config=ray_system_config(cfg, prepare(cfg)))
+        try:
             rounds = run(cfg, out=work / f"run{n}").rounds
             steady = rounds[rounds["round"] > 1]  # round 1 includes actor warm-up
             rows.append({
@@ -65,8 +67,8 @@ def main() -> None:
                 "aggregator_peak_rss_mib": rounds["aggregator_peak_rss_mib"].max(),
                 "update_mib": rounds["bytes_up"].iloc[-1] / n / 2**20,
             })
-    finally:
-        ray.shutdown()
+        finally:
+            ray.shutdown()
     table = pd.DataFrame(rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(args.out) / "round_overhead.csv", index=False)

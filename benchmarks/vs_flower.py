@@ -11,7 +11,10 @@ this script creates it when missing).
 Printed per workload and system: seconds per round (median after the first),
 the overhead ratio round wall ÷ (Σ client compute ÷ workers), with fedsim's
 Σ client compute used for every row so the ratios share a denominator, and
-fedsim's speed-up. Workloads: (a) ``tiny``, the tests' tiny model; (b) ``demo``,
+fedsim's speed-up. A third row per workload, ``ray floor``, replays fedsim's
+own clients (their measured compute seconds as busy tasks on bare Ray actors,
+update-sized returns) with nothing else around them: the overhead any Ray
+scheduler pays on this machine for this workload. Workloads: (a) ``tiny``, the tests' tiny model; (b) ``demo``,
 the demo's model loaded from its saved checkpoint, with Flower's client built
 the way Flower's LLM examples build it (model loaded inside every call) and
 with the model cached in the actor.
@@ -28,7 +31,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -38,9 +43,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
-from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+from actors import shard_by_work  # noqa: E402
 from fedsim.config import RunConfig, load_config  # noqa: E402
-from fedsim.driver import run  # noqa: E402
+from fedsim.driver import ray_system_config, run  # noqa: E402
 from fedsim.engine.torch_engine import TorchEngineSpec  # noqa: E402
 from fedsim.prepare import prepare  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
@@ -69,14 +74,52 @@ def flower_python() -> Path:
     return python
 
 
-def run_fedsim(cfg: RunConfig, out: Path, workers: int) -> pd.DataFrame:
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+def run_fedsim(cfg: RunConfig, out: Path, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """fedsim's per-round table (round wall, Σ client compute) and its per-client table."""
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING",
+             _system_config=ray_system_config(cfg, prepare(cfg)))  # as the driver starts its embedded Ray
     try:
-        rounds = run(cfg, out=out).rounds
+        result = run(cfg, out=out)
     finally:
         ray.shutdown()
+    rounds = result.rounds
     return pd.DataFrame({"round": rounds["round"], "round_wall_s": rounds["train_wall_s"],
-                         "compute_s_sum": rounds["compute_s_sum"]})
+                         "compute_s_sum": rounds["compute_s_sum"]}), result.clients
+
+
+@ray.remote(num_cpus=1)
+class BusyWorker:
+    """A bare Ray actor: spends one client's measured seconds on its CPU and returns an update-sized array."""
+
+    def train(self, seconds: float, values: int) -> np.ndarray:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+        return np.zeros(values, dtype=np.float32)
+
+
+def run_ray_floor(clients: pd.DataFrame, update_values: int, workers: int, system_config: dict[str, Any]) -> pd.DataFrame:
+    """What any Ray scheduler pays around fedsim's own clients: each round's clients, with the compute
+    seconds fedsim measured, replayed as busy tasks on ``workers`` bare actors (sharded as fedsim
+    shards them, update-sized returns in the shared object store), and nothing else: no
+    instructions, aggregation or bookkeeping. Its overhead ratio is the floor for this workload.
+    ``system_config``: the one fedsim's run had."""
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", _system_config=system_config)
+    try:
+        actors = [BusyWorker.remote() for _ in range(workers)]
+        ray.get([a.train.remote(0.0, 1) for a in actors])  # started and warm, as fedsim's workers are after round 1
+        rows = []
+        for r, cohort in clients.groupby("round", sort=True):
+            seconds, examples = cohort["compute_s"].to_numpy(), cohort["n_examples"].to_numpy()
+            t = time.perf_counter()
+            refs = [actors[w].train.remote(float(seconds[pos]), update_values)
+                    for w, shard in enumerate(shard_by_work(examples.tolist(), workers)) for pos in shard]
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+            rows.append({"round": r, "round_wall_s": time.perf_counter() - t, "compute_s_sum": float(seconds.sum())})
+            del refs
+    finally:
+        ray.shutdown()
+    return pd.DataFrame(rows)
 
 
 def run_flower(cfg: RunConfig, work: Path, mode: str, workers: int) -> pd.DataFrame:
@@ -124,7 +167,11 @@ def main() -> None:
             f"eval.every={args.rounds}", f"workers.num_workers={args.workers}", "workers.cpus_per_worker=1",
             f"cache_dir={work / 'cache'}", *args.overrides,
         ])
-        runs = {"fedsim": run_fedsim(cfg, work / f"fedsim-{workload}", args.workers)}
+        runs: dict[str, pd.DataFrame] = {}
+        runs["fedsim"], clients = run_fedsim(cfg, work / f"fedsim-{workload}", args.workers)
+        update_values = int(clients["bytes_up"].median()) // 4  # float32 values of an update as fedsim sent it
+        runs["ray floor (same client times)"] = run_ray_floor(clients, update_values, args.workers,
+                                                              ray_system_config(cfg, prepare(cfg)))
         for mode in (["cached"] if workload == "tiny" else ["per_call", "cached"]):
             runs[f"flower ({mode.replace('_', ' ')})"] = run_flower(cfg, work, mode, args.workers)
         fedsim_compute = runs["fedsim"].set_index("round")["compute_s_sum"]

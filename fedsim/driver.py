@@ -31,11 +31,11 @@ import torch
 import yaml
 
 from actors import (
-    EMBEDDED_SYSTEM_CONFIG,
     Aggregator,
     RoundSummary,
     WorkerPool,
     count_finished,
+    embedded_system_config,
     gpu_total_bytes,
     resolve_num_workers,
 )
@@ -50,7 +50,7 @@ from fedsim.callbacks.tensorboard import TensorBoardScalars, require_tensorboard
 from fedsim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedsim.config import RunConfig, load_config
 from fedsim.engine.torch_engine import TorchEngineSpec
-from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measure_worker_memory
+from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measure_worker_memory, payload_nbytes
 from fedsim.prepare import PreparedRun, prepare
 from fedsim.profiles import build_availability, build_profiles, write_profiles
 from fedsim.quiet import quiet_libraries
@@ -158,7 +158,20 @@ def _mean_pairwise_tv(p_bar: dict[int, list[np.ndarray]]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def start_ray(cfg: RunConfig) -> bool:
+def updates_in_flight(cfg: RunConfig) -> int:
+    """The most updates one round (or, asynchronously, the clients in flight) can hold at once."""
+    if cfg.system.policy == "over_select":
+        return over_selected(cfg.clients_per_round, cfg.system.over_selection, cfg.data.num_clients)
+    return cfg.clients_per_round
+
+
+def ray_system_config(cfg: RunConfig, prepared: PreparedRun) -> dict[str, Any]:
+    """The embedded Ray's system config for this run: its inlining limit follows the size of a round's
+    updates (``actors.embedded_system_config``)."""
+    return embedded_system_config(payload_nbytes(cfg, prepared.base_path), updates_in_flight(cfg))
+
+
+def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
     """Attach to ``workers.ray_address`` or start an embedded local Ray; True if started here."""
     for k, v in {**RAY_ENV, **HF_ENV}.items():
         os.environ.setdefault(k, v)
@@ -167,12 +180,14 @@ def start_ray(cfg: RunConfig) -> bool:
     if cfg.workers.ray_address:
         ray.init(address=cfg.workers.ray_address, logging_level=logging.WARNING)
         return False
+    system_config = ray_system_config(cfg, prepared)
+    log.debug("embedded Ray: %s", f"inlining limit {system_config}" if system_config else "Ray's default inlining limit")
     ray.init(
         num_cpus=cfg.workers.ray_num_cpus or os.cpu_count(),
         include_dashboard=False,
         logging_level=logging.WARNING,
         runtime_env={"env_vars": {**RAY_ENV, **HF_ENV}},
-        _system_config=EMBEDDED_SYSTEM_CONFIG,
+        _system_config=system_config,
     )
     return True
 
@@ -187,7 +202,7 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
     profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # so does a bad profiles file
     build_availability(cfg.system, cfg.data.num_clients)  # and a bad availability trace
-    started_ray = start_ray(cfg)
+    started_ray = start_ray(cfg, prepared)
     try:
         _check_gpu_memory(cfg, prepared)  # so does a packing of workers onto GPUs that would run out of memory
         num_workers = _num_workers(cfg)  # resources that cannot hold the workers fail here too
@@ -236,7 +251,7 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     manifest = json.loads((run_dir / "manifest.json").read_text())
     if manifest.get("partition_hash") != prepared.partition_hash:
         raise FedsimError(f"{run_dir}: the data partition changed since the run started; cannot resume exactly")
-    started_ray = start_ray(cfg)
+    started_ray = start_ray(cfg, prepared)
     try:
         num_workers = _num_workers(cfg)
     except BaseException:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from aggregation.errors import ConfigError
+from aggregation.payload import PAYLOAD_DTYPE
 from fedsim.config import RunConfig
 from fedsim.data.choice import ChoiceSplit
 from fedsim.data.encoded import EncodedSplit
@@ -65,6 +66,22 @@ class WorkerMemory:
 _QUANTIZED_WIDTH = {"8bit": 1.0, "4bit": 0.5}
 
 
+def _trainable_values(cfg: RunConfig, model: nn.Module) -> int:
+    """Values of the LoRA factors and routers ``cfg`` trains on ``model``: the payload's length."""
+    peft_model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
+                            lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts)
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def payload_nbytes(cfg: RunConfig, base_path: str) -> int:
+    """Bytes of the global payload (and of one client's update) for ``cfg`` on the base at ``base_path``,
+    read on the meta device before any worker builds the model."""
+    config: Any = AutoConfig.from_pretrained(base_path)
+    with torch.device("meta"):
+        values = _trainable_values(cfg, model_class(config).from_config(config))
+    return int(values) * np.dtype(PAYLOAD_DTYPE).itemsize
+
+
 def estimate_worker_memory(cfg: RunConfig, base_path: str, *, num_options: int = 1) -> WorkerMemory:
     """The analytic estimate for ``cfg``'s engine on the base saved at ``base_path`` (read on the meta device).
 
@@ -78,9 +95,7 @@ def estimate_worker_memory(cfg: RunConfig, base_path: str, *, num_options: int =
         expert_values = sum(p.numel() for m in spec.experts_modules(model) for p in m.parameters())
         skip = {id(p) for r in spec.routers(model) for p in r.parameters()} | {id(model.get_output_embeddings().weight)}
         linear_values = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in skip)
-        peft_model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
-                                lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts)
-        trainable_values = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        trainable_values = _trainable_values(cfg, model)
     deepspeed = cfg.engine.backend == "deepspeed"
     group = cfg.engine.group_size if deepspeed else 1
     half = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and cfg.workers.gpus_per_worker > 0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from actors.pool import resolve_num_workers, shard_by_work
-from fedsim.config import TrainConfig
+from actors.pool import resolve_num_workers, round_robin, shard_by_work
 from aggregation.errors import ConfigError
+from fedsim.config import TrainConfig
 
 
 def test_shard_by_work_balances_longest_first() -> None:
@@ -59,3 +59,14 @@ def test_resolve_num_workers_counts_groups_per_node(ray_session) -> None:  # typ
         resolve_num_workers(2, cpus_per_worker=1, gpus_per_worker=0, group_size=2)
     with pytest.raises(ConfigError, match="no group fits"):
         resolve_num_workers(0, cpus_per_worker=1, gpus_per_worker=1, group_size=4)
+
+
+def test_round_robin_sends_each_workers_first_client_before_any_second_and_keeps_shard_order() -> None:
+    # Prepare
+    shards = [[0, 3], [2, 4, 1], []]
+    # Execute
+    order = round_robin(shards)
+    # Assert
+    assert order == [(0, 0), (1, 2), (0, 3), (1, 4), (1, 1)]
+    assert [p for w, p in order if w == 1] == shards[1]
+    assert round_robin([[], []]) == []

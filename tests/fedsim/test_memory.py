@@ -8,8 +8,10 @@ import pytest
 
 from aggregation.errors import ConfigError
 from fedsim.config import load_config
-from fedsim.memory import GIB, WorkerMemory, check_gpu_packing, estimate_worker_memory
+from fedsim.driver import updates_in_flight
+from fedsim.memory import GIB, WorkerMemory, check_gpu_packing, estimate_worker_memory, payload_nbytes
 from fedsim.models import apply_lora, load_pretrained
+from fedsim.models.layout import build_layout
 from fedsim.prepare import prepare
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -100,3 +102,23 @@ def test_estimate_covers_an_encoder_decoder_and_options_as_rows(tmp_path: Path) 
     # Assert: activations of 4 layers; four options of (context + option) tokens per example
     assert one.activations == 4 * 32 * 4 * 32 * (10 + 24 * 1 * 32 / (4 * 32)) * 4
     assert four.activations == pytest.approx(one.activations * 4 * (32 + 32) / 32)
+
+
+def test_payload_bytes_are_the_real_models_layout(base) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the layout the workers build, from the real model
+    overrides, path = base
+    cfg = load_config(None, overrides)
+    layout = build_layout(apply_lora(load_pretrained(path), rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
+                                     lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts))
+    # Execute
+    nbytes = payload_nbytes(cfg, path)
+    # Assert
+    assert nbytes == layout.nbytes > 0
+
+
+def test_updates_in_flight_count_the_over_selected_cohort() -> None:
+    plain = load_config(None, [*TINY, "data.num_clients=20", "clients_per_round=10"])
+    over = load_config(None, [*TINY, "data.num_clients=20", "clients_per_round=10", "system.policy=over_select",
+                              "system.over_selection=0.3"])
+    assert updates_in_flight(plain) == 10
+    assert updates_in_flight(over) == 13
