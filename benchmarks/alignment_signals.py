@@ -36,9 +36,10 @@ from aggregation.messages import ClientInstructions, ClientUpdate  # noqa: E402
 from aggregation.payload import PayloadLayout  # noqa: E402
 from fedsim.checkpoint import load_checkpoint  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
-from fedsim.driver import client_seed, engine_spec  # noqa: E402
+from fedsim.driver import engine_spec  # noqa: E402
 from fedsim.prepare import prepare  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
+from fedsim.seeds import client_seed  # noqa: E402
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

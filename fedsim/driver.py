@@ -54,6 +54,7 @@ from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measur
 from fedsim.prepare import PreparedRun, prepare
 from fedsim.profiles import build_availability, build_profiles, write_profiles
 from fedsim.quiet import quiet_libraries
+from fedsim.seeds import client_seed
 from fedsim.strategies import StrategyFactory
 
 log = logging.getLogger("fedsim")
@@ -65,11 +66,6 @@ HF_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLE
 
 class RunFailed(FedsimError):
     """A round could not complete; the run directory is marked failed."""
-
-
-def client_seed(run_seed: int, round_idx: int, client_id: int) -> int:
-    """A client's training seed: a function of (run seed, round, client) only, never of the worker."""
-    return int(np.random.SeedSequence([run_seed, round_idx, client_id]).generate_state(1)[0])
 
 
 class ClientSampler:

@@ -1,7 +1,8 @@
 """Flower's side of ``benchmarks/vs_flower.py``: the same clients as fedsim, run by Flower's simulation engine.
 
 A ClientApp whose ``train`` handler trains the virtual client ``partition-id``
-with fedsim's own torch engine (same model, LoRA, data rows, local steps), so
+with fedsim's own torch engine (same model, LoRA, data rows, local steps, and
+the client's seed from ``fedsim.seeds``, so the same batches), so
 the two systems differ only in how they schedule clients and move payloads,
 and a ServerApp running Flower's FedAvg that records each round's wall time and
 the clients' measured compute seconds.
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 from aggregation.messages import ClientInstructions
 from fedsim.config import LoraConfig, TrainConfig
 from fedsim.engine.torch_engine import TorchEngine, TorchEngineSpec
+from fedsim.seeds import client_seed
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -68,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     engine = _cached_engine() if spec()["mode"] == "cached" else _engine_spec()()
     rows = np.asarray(spec()["partitions"][cid], dtype=np.int64)
-    update = engine.train(rows, payload, ClientInstructions(client_id=cid, round_idx=round_idx, seed=1000 * round_idx + cid))
+    update = engine.train(rows, payload, ClientInstructions(client_id=cid, round_idx=round_idx, seed=client_seed(spec()["seed"], round_idx, cid)))
     seconds = time.perf_counter() - start  # the client's work, model construction included when it is per call
     metrics = MetricRecord({"num-examples": update.n_examples, "compute_s": seconds,
                             "train_s": update.compute_seconds})

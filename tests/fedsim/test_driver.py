@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedsim.driver import ClientSampler, client_seed
+from fedsim.driver import ClientSampler
+from fedsim.seeds import client_seed
 
 
 def test_client_seed_depends_only_on_run_round_client() -> None:
