@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-flower clean
+.PHONY: setup demo test test-fast bench bench-flower clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# the quick loop: everything but the tests that start Ray or take more than ~30 s
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not ray and not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py

@@ -15,7 +15,7 @@ of the unit's clients together; the first rank's task returns the update.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.group import group_contexts
-from actors.worker import ClientWorker, Engine
+from actors.worker import ClientWorker, Engine, drop_factory, store_factory
 from aggregation.errors import ConfigError
 from aggregation.messages import ClientInstructions
 
@@ -52,20 +52,23 @@ def round_robin(shards: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
 
 def resolve_num_workers(
     requested: int, *, cpus_per_worker: float, gpus_per_worker: float, group_size: int | None = None,
-    reserve_cpus: float = 0.0,
+    reserve_cpus: float = 0.0, nodes: Sequence[Mapping[str, float]] | None = None,
 ) -> int:
     """Workers (or worker groups) that fit the cluster; raise ConfigError naming the numbers if they do not.
 
     Checked before any actor starts. A group's G workers must share one node
-    (STRICT_PACK), so groups are counted node by node.
+    (STRICT_PACK), so groups are counted node by node. ``nodes``: the resources
+    of the nodes an embedded Ray will have, so the check can run before it
+    starts; None reads the running cluster's.
     """
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0) - reserve_cpus, total.get("GPU", 0.0)
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n.get("CPU", 0.0) for n in nodes) - reserve_cpus
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
     if group_size is None:
         fit = _fit(cpus, gpus, cpus_per_worker, gpus_per_worker)
         unit = f"workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU)"
     else:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         fit = sum(_fit(n.get("CPU", 0.0), n.get("GPU", 0.0), cpus_per_worker * group_size, gpus_per_worker * group_size)
                   for n in nodes)
         fit = min(fit, _fit(cpus, gpus, cpus_per_worker * group_size, gpus_per_worker * group_size))
@@ -151,12 +154,9 @@ class WorkerPool:
                 remove_placement_group(pg)
             what = f"{num_workers} bundles" if group_size is None else f"{num_workers} groups of {group_size} bundles"
             raise ConfigError(f"workers: {what} of {bundle} could not be placed within {ready_timeout_s:.0f} s")
-        # The engine recipe goes to the object store once and the pool keeps its reference for its whole
-        # life: a worker that Ray restarts re-runs its constructor and must find the argument again.
-        # Passed by value, a recipe over max_direct_call_object_size is stored as an object that Ray
-        # frees once the first construction is done (seen: "already deleted by the reference counting
-        # protocol" when a killed worker came back).
-        self._engine_factory = ray.put(engine_factory)
+        # A worker that Ray restarts re-runs its constructor and must find its arguments again: the engine
+        # recipe waits in the GCS key-value store until shutdown, and the workers get its key (store_factory).
+        self._factory_key = store_factory(engine_factory)
         if group_size is None:
             self.units = [
                 [self._worker(self._pgs[0], i, i, None, max_restarts, max_task_retries, cpus_per_worker, gpus_per_worker)]
@@ -182,7 +182,7 @@ class WorkerPool:
             max_restarts=max_restarts,
             max_task_retries=max_task_retries,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle),
-        ).remote(self._engine_factory, index, context)
+        ).remote(self._factory_key, index, context)
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -238,6 +238,7 @@ class WorkerPool:
                 ray.kill(member)
         for pg in self._pgs:
             remove_placement_group(pg)
+        drop_factory(self._factory_key)
 
 
 def count_finished(refs: Sequence[ray.ObjectRef], timeout_s: float = 0.0) -> int:

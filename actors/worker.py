@@ -1,19 +1,24 @@
 """ClientWorker: a Ray actor that keeps one engine (and its frozen base model) resident.
 
-The actor is handed a picklable engine factory by the driver, so ``actors/``
-never imports the simulator; it trains the virtual clients it is given one at
-a time and returns each ``ClientUpdate`` as an object in the object store.
+The driver hands the pool a picklable engine factory, so ``actors/`` never
+imports the simulator; the pool keeps it in the cluster's key-value store
+(``store_factory``) and each actor is created with its key. A worker trains
+the virtual clients it is given one at a time and returns each
+``ClientUpdate`` as an object in the object store.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import ray
+from ray import cloudpickle
+from ray.experimental import internal_kv
 
 from actors.group import GroupContext
 from aggregation.errors import ClientFailure
@@ -32,11 +37,47 @@ class Engine(Protocol):
     def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[Any]: ...
 
 
+FACTORY_NAMESPACE = "fedsim"
+
+
+def store_factory(engine_factory: Callable[..., Engine]) -> str:
+    """Keep ``engine_factory`` in the GCS key-value store for as long as the pool lives; return its key.
+
+    The workers get the key, a short string, as their constructor argument.
+    An argument Ray keeps in the object store (any ``ray.put`` reference, or a
+    value over ``max_direct_call_object_size``: a recipe is ~1.1 KiB, over the
+    1 KiB limit ``actors.embedded_system_config`` may set) can be gone when Ray
+    restarts a dead worker (ray-project/ray#53727; Ray says so in an error
+    line at creation when ``max_restarts`` > 0); a key is inlined in the task
+    Ray keeps for the restart, and the store holds the recipe until ``drop_factory``.
+    """
+    key = f"engine-factory-{uuid.uuid4().hex}"
+    internal_kv._internal_kv_put(key, cloudpickle.dumps(engine_factory), namespace=FACTORY_NAMESPACE)
+    return key
+
+
+def load_factory(key: str) -> Callable[..., Engine]:
+    """The engine factory ``store_factory`` kept under ``key``."""
+    blob = internal_kv._internal_kv_get(key, namespace=FACTORY_NAMESPACE)
+    if blob is None:
+        raise RuntimeError(f"engine factory {key} is not in the GCS key-value store (was its pool shut down?)")
+    factory: Callable[..., Engine] = cloudpickle.loads(blob)
+    return factory
+
+
+def drop_factory(key: str) -> None:
+    """Remove the factory kept under ``key``; a worker restarted after this fails to construct."""
+    internal_kv._internal_kv_del(key, namespace=FACTORY_NAMESPACE)
+
+
 @ray.remote
 class ClientWorker:
     """Hosts one engine; trains clients sequentially, evaluates test chunks."""
 
-    def __init__(self, engine_factory: Callable[..., Engine], worker_index: int, group: GroupContext | None = None) -> None:
+    def __init__(self, factory_key: str, worker_index: int, group: GroupContext | None = None) -> None:
+        """Build the engine from the factory stored under ``factory_key`` (``store_factory``); Ray runs this again,
+        with the same arguments, when it restarts the worker."""
+        engine_factory = load_factory(factory_key)
         self.worker_index = worker_index
         self.engine = engine_factory() if group is None else engine_factory(group)
 

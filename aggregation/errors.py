@@ -22,6 +22,10 @@ class DataError(FedsimError):
     """The data cannot support the requested federation (e.g. too few examples)."""
 
 
+class RunFailed(FedsimError):
+    """The input was fine but a round could not complete; the run directory is marked failed (exit 1, not 2)."""
+
+
 class LayoutMismatch(FedsimError):
     """An update or a model does not match the payload layout it claims."""
 

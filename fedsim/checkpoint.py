@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     try:
         with open(path, "rb") as f:
             raw = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+    except Exception as exc:  # a truncated or foreign file fails in many ways inside pickle
         raise FedsimError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise FedsimError(f"{path}: not a fedsim checkpoint of format {FORMAT}")
+    missing = [f.name for f in fields(Checkpoint) if f.name not in raw and f.default is MISSING]
+    if missing:
+        raise FedsimError(f"{path}: incomplete checkpoint, it lacks {', '.join(missing)}")
+    if not isinstance(raw["payload"], np.ndarray) or not isinstance(raw["round_idx"], int):
+        raise FedsimError(f"{path}: incomplete checkpoint, its payload or round is not what fedsim writes")
     return Checkpoint(raw["round_idx"], raw["payload"], raw["strategy_state"], raw["sampler_state"],
                       raw.get("sim_time_s", 0.0))

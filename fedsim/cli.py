@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from aggregation.errors import FedsimError
+from aggregation.errors import FedsimError, RunFailed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     resume = sub.add_parser("resume", help="continue a stopped or failed run from its last checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoint.pkl)")
+    for command in (run, resume):
+        command.add_argument("--debug", action="store_true",
+                             help="show DEBUG lines, library warnings and Ray's worker output (or set FEDSIM_DEBUG=1)")
     report = sub.add_parser("report", help="PNG plots and a self-contained report.html for a run directory")
     report.add_argument("run_dir")
     compare = sub.add_parser("compare", help="overlay several runs' accuracy curves (vs round and vs bytes)")
@@ -56,7 +60,7 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"submitted job {job_id}; run directory {run_dir}")
             if args.follow:
                 final = jobs.follow(args.address, job_id)
-                print(f"job {job_id}: {final.value}")
+                print(jobs.outcome(args.address, job_id))
                 return 0 if final.value == "SUCCEEDED" else 1
         elif args.command == "status":
             print(jobs.status(args.address, args.job_id))
@@ -81,25 +85,37 @@ def _summary_table(rounds: object) -> str:
     return rounds[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def _console_logging() -> None:
-    """INFO lines of the ``fedsim`` logger on stderr, printed above rich's live progress bars."""
+def _console_logging(debug: bool = False) -> None:
+    """INFO lines (with ``debug``, or ``FEDSIM_DEBUG`` set: DEBUG lines) of the ``fedsim`` logger on stderr,
+    printed above rich's live progress bars.
+
+    Outside debug mode, Python warnings raised by the libraries go to run.log only; with ``debug`` they print
+    as usual, and ``FEDSIM_DEBUG`` is set for the rest of the run (the workers Ray starts inherit it).
+    """
     from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_level=False, markup=False)
-    handler.setLevel(logging.INFO)
+    from fedsim.console import DEBUG_ENV, debug_enabled, route_to_run_log
+
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    debug = debug_enabled()
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_level=debug, markup=False)
+    handler.setLevel(logging.DEBUG if debug else logging.INFO)
     handler.addFilter(lambda record: not getattr(record, "file_only", False))
     logger = logging.getLogger("fedsim")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    if not debug:
+        logging.captureWarnings(True)
+        route_to_run_log(logging.getLogger("py.warnings"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _console_logging()
+    _console_logging(debug=getattr(args, "debug", False))
     # Imports after parsing: `fedsim --help` stays fast.
     from fedsim.config import load_config
-    from fedsim.driver import RunFailed, resume, run
 
     if args.command in ("submit", "status", "logs", "stop"):
         return _jobs(args)
@@ -115,9 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.command == "resume":
+            from fedsim.driver import resume
+
             result = resume(args.run_dir)
         else:
-            result = run(load_config(args.config, list(args.overrides)), out=args.out)
+            cfg = load_config(args.config, list(args.overrides))  # before the driver's imports: a bad key fails at once
+            from fedsim.driver import run
+
+            result = run(cfg, out=args.out)
     except RunFailed as exc:  # the input was fine; a round failed (status.json says so)
         print(f"fedsim: run failed: {exc}", file=sys.stderr)
         return 1

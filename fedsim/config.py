@@ -13,13 +13,28 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from aggregation.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no float may be inf or nan (a YAML ``.inf`` learning rate is a typo, not a setting)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``true`` as 1 for a number field (``rounds: true`` would run one round): refuse it.
+
+        Strict mode would also refuse ``1e-3``, which YAML 1.1 reads as a string, so only booleans are refused.
+        """
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("expected a number, not true/false")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -44,7 +59,7 @@ class PretrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     tokenizer_vocab: int = Field(4096, ge=300, description="BPE vocabulary trained on the corpus")
-    seed: int = Field(0, description="seed of the base's init and pretraining (not the run seed)")
+    seed: int = Field(0, ge=0, description="seed of the base's init and pretraining (not the run seed)")
 
 
 class ModelConfig(_Section):
@@ -110,7 +125,7 @@ class DataConfig(_Section):
     labels_per_client: int = Field(2, ge=1, description="pathological partition: labels per client")
     min_examples: int = Field(8, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = Field(0, description="seed of the train/test split by document (not the run seed)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/test split by document (not the run seed)")
     max_length: int = Field(96, ge=8, description="tokens per example, prompt and label word included")
     synthetic_docs_per_label: int = Field(60, ge=2)
     min_words: int = Field(40, ge=1, description="gensim_topics: shortest chunk of a document, in words")
@@ -349,7 +364,7 @@ class CheckpointConfig(_Section):
 
 class RunConfig(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     rounds: int = Field(20, ge=1)
     clients_per_round: int = Field(10, ge=1)
     out_dir: str = "runs"
@@ -373,37 +388,44 @@ class RunConfig(_Section):
     def _cohort(self) -> RunConfig:
         if self.clients_per_round > self.data.num_clients:
             raise ValueError(
-                f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
+                f"clients_per_round: {self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
             )
+        for name in ("fail_clients", "nan_clients"):
+            unknown = [c for c in getattr(self.faults, name) if not 0 <= c < self.data.num_clients]
+            if unknown:
+                raise ValueError(f"faults.{name}: no client has id {unknown[0]} (ids are 0..{self.data.num_clients - 1})")
+        late = [r for r in self.faults.fail_rounds if not 1 <= r <= self.rounds]
+        if late:
+            raise ValueError(f"faults.fail_rounds: no round {late[0]} (rounds are 1..{self.rounds})")
         if self.train.gradient_checkpointing and self.train.routing_stats == "during":
-            raise ValueError("train.gradient_checkpointing recomputes the routers in the backward pass, which would "
+            raise ValueError("train.gradient_checkpointing: it recomputes the routers in the backward pass, which would "
                              "count their tokens twice: use train.routing_stats='after'")
         if self.engine.backend == "deepspeed":
             if self.model.pretrained is None and self.model.num_experts % self.engine.group_size:
                 raise ValueError(
-                    f"engine.group_size={self.engine.group_size} does not divide model.num_experts={self.model.num_experts}"
+                    f"engine.group_size: {self.engine.group_size} does not divide model.num_experts={self.model.num_experts}"
                 )
             if not self.lora.experts:
-                raise ValueError("engine.backend='deepspeed' shards the experts' LoRA: it needs lora.experts=true")
+                raise ValueError("lora.experts: engine.backend='deepspeed' shards the experts' LoRA: it needs lora.experts=true")
             if self.model.family == "switch_transformers":
-                raise ValueError("engine.backend='deepspeed' shards fused expert tensors; switch_transformers keeps one "
+                raise ValueError("engine.backend: 'deepspeed' shards fused expert tensors; switch_transformers keeps one "
                                  "module per expert: use engine.backend='torch'")
             gpus = self.workers.gpus_per_worker
             if gpus and gpus != int(gpus):
-                raise ValueError(f"engine.backend='deepspeed' needs whole GPUs per worker (NCCL), got workers.gpus_per_worker={gpus}")
+                raise ValueError(f"workers.gpus_per_worker: engine.backend='deepspeed' needs whole GPUs per worker (NCCL), got workers.gpus_per_worker={gpus}")
             if self.engine.precision == "bf16" and not gpus:
-                raise ValueError("engine.precision='bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
+                raise ValueError("engine.precision: 'bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
             if self.model.quantization != "none":
                 raise ValueError("model.quantization: the deepspeed engine shards a full-precision base; use engine.backend='torch'")
         if self.system.policy == "async":
             if (self.system.async_buffer or 1) > self.clients_per_round:
-                raise ValueError(f"system.async_buffer={self.system.async_buffer} exceeds the clients in flight "
+                raise ValueError(f"system.async_buffer: {self.system.async_buffer} exceeds the clients in flight "
                                  f"(clients_per_round={self.clients_per_round})")
             if self.clients_per_round >= self.data.num_clients:
-                raise ValueError("system.policy 'async' needs clients_per_round < data.num_clients: a client that "
+                raise ValueError("system.policy: 'async' needs clients_per_round < data.num_clients: a client that "
                                  "arrives is replaced by one not already training")
         if self.train.routing_stats == "off" and self.strategy.needs_routing_stats():
-            raise ValueError(f"train.routing_stats='off', but strategy.name={self.strategy.name!r} reads routing statistics")
+            raise ValueError(f"train.routing_stats: 'off', but strategy.name={self.strategy.name!r} reads routing statistics")
         return self
 
     def digest(self, *sections: str) -> str:
@@ -440,16 +462,55 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def _format_error(err: ValidationError) -> str:
+    """The first error as ``field.path: what is wrong (got value)``.
+
+    A check across sections (``RunConfig``'s own validator) has no location;
+    its message starts with the field it names.
+    """
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     value = first.get("input")
-    shown = f" (got {value!r})" if first["type"] != "extra_forbidden" and not isinstance(value, dict) else ""
-    return f"{loc}: {msg}{shown}{more}"
+    shown = "" if first["type"] == "extra_forbidden" or isinstance(value, dict) or not loc else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}{more}" if loc else f"{msg}{more}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a mapping with a key given twice (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_file(path: Path, field: str) -> Any:
+    """A YAML file's contents; a one-line ConfigError naming ``field`` and the file for anything unreadable."""
+    if path.is_dir():
+        raise ConfigError(f"{field}: {path} is a directory, not a file")
+    if not path.is_file():
+        raise ConfigError(f"{field}: file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{field}: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{path} {exc}") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -457,14 +518,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"{p}{where}: not valid YAML") from None
+        loaded = read_yaml_file(p, "--config")
+        if loaded is None:
+            raise ConfigError(f"--config: {p} is empty; give the settings to change, or leave --config out for the defaults")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of keys")
         tree = loaded

@@ -40,7 +40,7 @@ from actors import (
     resolve_num_workers,
 )
 from aggregation.buffered import Flight, next_buffer
-from aggregation.errors import FedsimError
+from aggregation.errors import ConfigError, FedsimError, RunFailed
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
 from fedsim.callbacks.base import Callback, RoundRecord
@@ -49,6 +49,7 @@ from fedsim.callbacks.progress import Progress
 from fedsim.callbacks.tensorboard import TensorBoardScalars, require_tensorboard
 from fedsim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedsim.config import RunConfig, load_config
+from fedsim.console import debug_enabled, round_line
 from fedsim.engine.torch_engine import TorchEngineSpec
 from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measure_worker_memory, payload_nbytes
 from fedsim.prepare import PreparedRun, prepare
@@ -62,10 +63,6 @@ log = logging.getLogger("fedsim")
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 FILE_ONLY = {"file_only": True}  # log records the console leaves to the CLI's own error line
 HF_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-class RunFailed(FedsimError):
-    """A round could not complete; the run directory is marked failed."""
 
 
 class ClientSampler:
@@ -113,16 +110,31 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def make_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
-    """``runs/<time>-<name>/`` unless ``out`` names it; refuses a directory that already holds a run."""
+def planned_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    """The run directory a new run will write: ``out``, or ``<out_dir>/<time>-<name>/``; checked, not created.
+
+    Refused (ConfigError naming ``--out``): a file; a directory that already holds a run (of this config:
+    ``fedsim resume`` continues it); a directory holding anything else. An empty directory is used as is.
+    """
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.out_dir) / f"{stamp}-{cfg.name}"
     else:
         run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out: {run_dir} is a file, not a directory")
     if (run_dir / "status.json").exists():
-        raise FedsimError(f"--out: {run_dir} already holds a run; choose a new directory (nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        same = False
+        if (run_dir / "manifest.json").is_file():
+            try:
+                same = json.loads((run_dir / "manifest.json").read_text()).get("config_digest") == cfg.digest()
+            except (ValueError, OSError):
+                pass
+        hint = f"`fedsim resume {run_dir}` continues it, or choose" if same else "it is of another config; choose"
+        raise ConfigError(f"--out: {run_dir} already holds a run ({hint} a new directory; nothing was written)")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"--out: {run_dir} is not empty and holds no run; choose a new or empty directory "
+                          "(nothing was written)")
     return run_dir
 
 
@@ -167,6 +179,14 @@ def ray_system_config(cfg: RunConfig, prepared: PreparedRun) -> dict[str, Any]:
     return embedded_system_config(payload_nbytes(cfg, prepared.base_path), updates_in_flight(cfg))
 
 
+def attach_cluster(cfg: RunConfig) -> None:
+    """Connect to ``workers.ray_address`` (when set and not connected yet), so its resources can be checked."""
+    for k, v in {**RAY_ENV, **HF_ENV}.items():
+        os.environ.setdefault(k, v)
+    if cfg.workers.ray_address and not ray.is_initialized():
+        ray.init(address=cfg.workers.ray_address, logging_level=logging.WARNING)
+
+
 def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
     """Attach to ``workers.ray_address`` or start an embedded local Ray; True if started here."""
     for k, v in {**RAY_ENV, **HF_ENV}.items():
@@ -182,6 +202,8 @@ def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
         num_cpus=cfg.workers.ray_num_cpus or os.cpu_count(),
         include_dashboard=False,
         logging_level=logging.WARNING,
+        # the workers' own output stays in Ray's session logs (/tmp/ray/session_latest/logs) unless debugging
+        log_to_driver=debug_enabled(),
         runtime_env={"env_vars": {**RAY_ENV, **HF_ENV}},
         _system_config=system_config,
     )
@@ -193,16 +215,19 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     for k, v in HF_ENV.items():
         os.environ.setdefault(k, v)
     quiet_libraries()
+    # What can be checked cheaply is checked before prepare(), which may pretrain a base for minutes:
     if cfg.logging.tensorboard:
-        require_tensorboard()  # a missing extra fails before any work
-    prepared = prepare(cfg)  # bad data or model settings fail here, before a run directory exists
-    profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # so does a bad profiles file
-    build_availability(cfg.system, cfg.data.num_clients)  # and a bad availability trace
+        require_tensorboard()  # a missing extra
+    profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)  # a bad profiles file
+    build_availability(cfg.system, cfg.data.num_clients)  # a bad availability trace
+    run_dir = planned_run_dir(cfg, out)  # an --out that must not be written into
+    attach_cluster(cfg)
+    num_workers = _num_workers(cfg)  # resources that cannot hold the workers
+    prepared = prepare(cfg)  # bad data, a partition that cannot be made (before the base is built), bad model settings
     started_ray = start_ray(cfg, prepared)
     try:
-        _check_gpu_memory(cfg, prepared)  # so does a packing of workers onto GPUs that would run out of memory
-        num_workers = _num_workers(cfg)  # resources that cannot hold the workers fail here too
-        run_dir = make_run_dir(cfg, out)
+        _check_gpu_memory(cfg, prepared)  # a packing of workers onto GPUs that would run out of memory
+        run_dir.mkdir(parents=True, exist_ok=True)
     except BaseException:
         if started_ray:
             ray.shutdown()
@@ -227,33 +252,48 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
     return _execute(cfg, prepared, profiles, run_dir, num_workers, started_ray, handler, MetricsTable(), callbacks, None)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A run directory's JSON record; a one-line FedsimError naming the file when it is missing or corrupt."""
+    if not path.is_file():
+        raise FedsimError(f"{path}: missing; the run directory is incomplete and cannot be resumed")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise FedsimError(f"{path}: unreadable ({type(exc).__name__}); the run directory cannot be resumed") from None
+    if not isinstance(record, dict):
+        raise FedsimError(f"{path}: not a JSON object; the run directory cannot be resumed")
+    return record
+
+
 def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
     """Continue a run from its last checkpoint; the tables come out as an uninterrupted run's would."""
     for k, v in HF_ENV.items():
         os.environ.setdefault(k, v)
     quiet_libraries()
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FedsimError(f"{run_dir}: not a directory")
     if not (run_dir / "config.yaml").exists():
         raise FedsimError(f"{run_dir}: not a run directory (no config.yaml)")
-    status = json.loads((run_dir / "status.json").read_text()).get("status") if (run_dir / "status.json").exists() else None
-    if status == "completed":
+    if (run_dir / "status.json").exists() and _read_json(run_dir / "status.json").get("status") == "completed":
         raise FedsimError(f"{run_dir}: the run is already completed; nothing to resume")
-    cfg = load_config(run_dir / "config.yaml", [])
+    try:
+        cfg = load_config(run_dir / "config.yaml", [])
+    except ConfigError as exc:
+        raise FedsimError(f"{run_dir / 'config.yaml'}: {exc}") from None
     if cfg.system.policy == "async":
         raise FedsimError(f"{run_dir}: an asynchronous run (system.policy: async) cannot be resumed")
+    manifest = _read_json(run_dir / "manifest.json")
     checkpoint = load_checkpoint(run_dir)
-    prepared = prepare(cfg)
+    # the cheap checks before prepare(), as for a new run
     profiles = build_profiles(cfg.system, cfg.data.num_clients, cfg.seed)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    build_availability(cfg.system, cfg.data.num_clients)
+    attach_cluster(cfg)
+    num_workers = _num_workers(cfg)
+    prepared = prepare(cfg)
     if manifest.get("partition_hash") != prepared.partition_hash:
         raise FedsimError(f"{run_dir}: the data partition changed since the run started; cannot resume exactly")
     started_ray = start_ray(cfg, prepared)
-    try:
-        num_workers = _num_workers(cfg)
-    except BaseException:
-        if started_ray:
-            ray.shutdown()
-        raise
     handler = _attach_log(run_dir)
     log.info("resuming %s after round %d", run_dir, checkpoint.round_idx)
     manifest.setdefault("resumed", []).append(
@@ -279,10 +319,15 @@ def _check_gpu_memory(cfg: RunConfig, prepared: PreparedRun) -> None:
 
 
 def _num_workers(cfg: RunConfig) -> int:
+    """The workers (or groups) the run gets: on the running cluster, or on the one node an embedded Ray will have."""
     w = cfg.workers
     group_size = cfg.engine.group_size if cfg.engine.backend == "deepspeed" else None
+    planned = None if ray.is_initialized() else [
+        {"CPU": float(w.ray_num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    ]
     return resolve_num_workers(
-        w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker, group_size=group_size
+        w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker, group_size=group_size,
+        nodes=planned,
     )
 
 
@@ -483,7 +528,7 @@ def _close_round(
         s, extra = cb.after_round(record)
         row.update(extra)
         stop = stop or s
-    log.info("round %d: %s", r, {k: row[k] for k in ("train_loss", "test_accuracy") if k in row})
+    log.info("%s", round_line(r, cfg.rounds, row, step=cfg.system.policy == "async"))
     return stop
 
 
@@ -568,20 +613,37 @@ def _loop_async(
 
 
 def _handle_failures(cfg: RunConfig, r: int, summary: RoundSummary) -> None:
-    """Log the round's failed and rejected clients; raise RunFailed when the policy (or an empty round) says stop."""
+    """Log the round's failed and rejected clients; raise RunFailed when the policy says stop, or when a round
+    that had clients merged none of them: each failed, was rejected or came after the deadline. A run never
+    carries on (or ends ``completed``) from a round that changed nothing because nothing usable arrived."""
     for reason in summary.rejected:
         log.warning("round %d: rejected the update of %s", r, reason)
-    if not summary.failures:
-        return
-    stop = cfg.workers.on_client_failure == "stop" or not summary.clients
+    late = [c["client"] for c in summary.clients if c["straggler"]]
+    total = len(summary.failures) + len(summary.clients)
+    merged_none = total > 0 and all(c["rejected"] or c["straggler"] for c in summary.clients)
+    stop = bool(summary.failures) and (cfg.workers.on_client_failure == "stop" or merged_none)
     for f in summary.failures:
         if stop:
             log.error("round %d: %s", r, f, extra=FILE_ONLY)
         else:
             log.warning("round %d: %s (dropped from the round)", r, f)
-    if stop:
-        what = "every client" if not summary.clients else f"{len(summary.failures)} client(s)"
-        raise RunFailed(f"round {r}: {what} failed; first: {summary.failures[0]}")
+    if summary.failures and cfg.workers.on_client_failure == "stop" and summary.clients:
+        raise RunFailed(f"round {r}: {len(summary.failures)} client(s) failed; first: {summary.failures[0]}")
+    if not merged_none:
+        return
+    kinds = {"failed": summary.failures, "rejected": summary.rejected, "late": late}
+    present = [k for k, v in kinds.items() if v]
+    if present == ["failed"]:
+        raise RunFailed(f"round {r}: every client failed; first: {summary.failures[0]}")
+    if present == ["rejected"]:
+        raise RunFailed(f"round {r}: every update was rejected ({len(summary.rejected)} of {total}); "
+                        f"first: {summary.rejected[0]}")
+    if present == ["late"]:
+        raise RunFailed(f"round {r}: every update came after the deadline (system.deadline_s="
+                        f"{cfg.system.deadline_s}) on the simulated clock ({len(late)} of {total}): clients {late}")
+    counts = ", ".join(f"{len(kinds[k])} {k}" for k in present)
+    firsts = "; ".join(f"first {k}: {kinds[k][0]}" for k in ("rejected", "failed") if kinds[k])
+    raise RunFailed(f"round {r}: no update was merged ({counts}; {total} clients); {firsts}")
 
 
 def _routing_rows(p_bar: dict[int, list[np.ndarray]]) -> list[dict[str, Any]]:
@@ -596,13 +658,14 @@ def _routing_rows(p_bar: dict[int, list[np.ndarray]]) -> list[dict[str, Any]]:
 
 def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, workers: int) -> dict[str, Any]:
     clients = s.clients
-    n = sum(c["n_examples"] for c in clients)
+    trusted = [c for c in clients if not c["rejected"]]  # a rejected update's n_examples and metrics may be NaN
+    n = sum(c["n_examples"] for c in trusted)
     compute = sum(c["compute_s"] for c in clients)
     return {
         "round": r,
         "test_loss": float("nan"),
         "test_accuracy": float("nan"),
-        "train_loss": sum(c["train_loss"] * c["n_examples"] for c in clients) / n if n else float("nan"),
+        "train_loss": sum(c["train_loss"] * c["n_examples"] for c in trusted) / n if n else float("nan"),
         "clients_sampled": len(cohort),
         "clients_completed": len(clients),
         "clients_failed": len(s.failures),
@@ -611,7 +674,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "routing_tv": _mean_pairwise_tv(s.routing_p_bar),
-        "compression_error": (sum(c["compression_error"] * c["n_examples"] for c in clients) / n) if n else float("nan"),
+        "compression_error": (sum(c["compression_error"] * c["n_examples"] for c in trusted) / n) if n else float("nan"),
         "compute_s_sum": compute,
         "train_wall_s": train_wall,
         "overhead_ratio": train_wall / (compute / workers) if compute else float("nan"),

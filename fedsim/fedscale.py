@@ -15,7 +15,6 @@ with an unpickler that refuses every global: a file that needs one is rejected, 
 
 from __future__ import annotations
 
-import io
 import math
 import pickle
 from pathlib import Path
@@ -25,21 +24,17 @@ import numpy as np
 
 from aggregation.errors import ConfigError
 from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile
-
-
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+from fedsim.safe_pickle import NO_GLOBALS, load_pickle
 
 
 def load_trace(path: str, field: str) -> dict[Any, dict[str, Any]]:
-    """A FedScale trace pickle as a dict of dicts; ConfigError naming ``field`` otherwise."""
+    """Read a FedScale trace pickle as a dict of dicts; ConfigError naming ``field`` otherwise."""
     file = Path(path)
     if not file.exists():
         raise ConfigError(f"{field}: file not found: {file}")
     try:
-        data = _NoGlobals(io.BytesIO(file.read_bytes())).load()
-    except Exception as exc:  # any unpickling failure is the file's fault
+        data = load_pickle(file.read_bytes(), allow=NO_GLOBALS)
+    except (OSError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"{field}: {file} is not a FedScale trace pickle ({exc})") from None
     if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{field}: {file} does not map client ids to records")

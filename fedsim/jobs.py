@@ -2,8 +2,11 @@
 
 ``submit`` validates the configuration here first (a bad key never reaches the
 cluster), then stages what the job needs in a temporary ``working_dir``: the
-three packages, ``pyproject.toml`` and the resolved configuration as
-``job_config.yaml``. Paths in the configuration (``out_dir``, ``cache_dir``, a
+three packages, ``pyproject.toml``, ``requirements.txt`` and the resolved
+configuration as ``job_config.yaml``. The job's first step,
+``python -m fedsim.envcheck``, checks that the cluster's ``python`` has the
+pinned packages (one line naming the first missing one and the remedies,
+instead of an import traceback). Paths in the configuration (``out_dir``, ``cache_dir``, a
 data or profiles file) are made absolute, because the job runs in its own
 copy of the working directory: they must name a filesystem every node sees
 (a shared mount). Inside the job, ``workers.ray_address: auto`` attaches the
@@ -60,7 +63,8 @@ def stage(cfg: RunConfig) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for package in PACKAGES:
         shutil.copytree(PROJECT / package, staging / package, ignore=ignore)
-    shutil.copy2(PROJECT / "pyproject.toml", staging / "pyproject.toml")
+    for name in ("pyproject.toml", "requirements.txt"):  # requirements.txt: what fedsim.envcheck checks in the job
+        shutil.copy2(PROJECT / name, staging / name)
     (staging / "job_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return staging
 
@@ -78,7 +82,7 @@ def submit(address: str, cfg: RunConfig, *, pip: bool = False, run_dir_name: str
             runtime_env["pip"] = [line for line in (PROJECT / "requirements.txt").read_text().splitlines()
                                   if line.strip() and not line.startswith("#")]
         job_id = jobs.submit_job(
-            entrypoint=f"python -m fedsim run --config job_config.yaml --out {run_dir}",
+            entrypoint=f"python -m fedsim.envcheck && python -m fedsim run --config job_config.yaml --out {run_dir}",
             runtime_env=runtime_env,
             metadata={"fedsim_run_dir": str(run_dir), "fedsim_name": cfg.name},
         )
@@ -100,6 +104,18 @@ def follow(address: str, job_id: str, *, write: Callable[[str], object] = print,
         if status in FINAL:
             return status
         time.sleep(poll_s)
+
+
+def outcome(address: str, job_id: str) -> str:
+    """The job's last line: its status and, unless it succeeded, why: its own last ``fedsim: error:``, else Ray's."""
+    jobs = client(address)
+    info = jobs.get_job_info(job_id)
+    line = f"job {job_id}: {info.status.value}"
+    if info.status == JobStatus.SUCCEEDED:
+        return line
+    errors = [text for text in jobs.get_job_logs(job_id).splitlines() if text.startswith("fedsim: error: ")]
+    reason = errors[-1].removeprefix("fedsim: error: ") if errors else (info.message or "").strip().split("\n", 1)[0]
+    return f"{line}: {reason}" if reason else line
 
 
 def status(address: str, job_id: str) -> str:

@@ -203,6 +203,16 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     raw, label_names = load_raw(cfg)
     words = label_words(cfg, label_names)
     train, test = split_by_document(raw, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+    parts = partition(  # before the base: a partition that cannot be made fails before minutes of pretraining
+        train,
+        scheme=cfg.data.partition,
+        num_clients=cfg.data.num_clients,
+        seed=cfg.seed,
+        alpha=cfg.data.alpha,
+        labels_per_client=cfg.data.labels_per_client,
+        label_key=cfg.data.partition_by,
+        min_examples=cfg.data.min_examples,
+    )
     base = prepare_base(cfg, pretraining_texts(cfg, train, test), words)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
@@ -226,16 +236,6 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         _encode(task, test).save_to_disk(str(tmp / "test"))
 
     _cached(data_dir, build)
-    parts = partition(
-        train,
-        scheme=cfg.data.partition,
-        num_clients=cfg.data.num_clients,
-        seed=cfg.seed,
-        alpha=cfg.data.alpha,
-        labels_per_client=cfg.data.labels_per_client,
-        label_key=cfg.data.partition_by,
-        min_examples=cfg.data.min_examples,
-    )
     return PreparedRun(
         base_path=str(base),
         train_path=str(data_dir / "train"),

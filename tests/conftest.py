@@ -2,8 +2,11 @@
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+E2E = Path(__file__).resolve().parent / "e2e"
 
 for _k, _v in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -13,6 +16,15 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_k, _v)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not ray"` must see these marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``ray`` every test that starts Ray: those using ``ray_session`` and everything under tests/e2e/ (real
+    runs, some of them starting their own Ray in a child process), so ``make test-fast`` leaves them all out."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")

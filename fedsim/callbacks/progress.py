@@ -39,7 +39,8 @@ class Progress(Callback):
 
     def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
         row = record.row
-        info = f"loss {row.get('train_loss', float('nan')):.3f}  acc {row.get('test_accuracy', float('nan')):.3f}"
+        acc = row.get("test_accuracy", float("nan"))
+        info = f"loss {row.get('train_loss', float('nan')):.3f}  acc {'–' if acc != acc else f'{acc:.3f}'}"  # – unevaluated
         self._bar.update(self._rounds, completed=record.round_idx, info=info)
         return False, {}
 

@@ -9,7 +9,7 @@ Sources (label name, file):
 
 - ``atheism``, ``space``: newsgroups alt.atheism and sci.space, 100 posts each,
   in ``mini_newsgroup`` (a zlib-compressed Python 2 pickle, read with
-  :mod:`fedsim.data.safe_pickle`). Headers, quoted replies and signatures are
+  :mod:`fedsim.safe_pickle`). Headers, quoted replies and signatures are
   dropped so that what is left is the author's own text.
 - ``news``: the Lee corpus of Australian news, ``lee_background.cor`` (300
   articles) and ``lee.cor`` (50), one article per line.
@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import pickle
 import re
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aggregation.errors import DataError
-from fedsim.data.safe_pickle import load_newsgroups_bunch
 from fedsim.data.wiki_markup import strip_wiki_markup
+from fedsim.safe_pickle import NUMPY_ARRAYS, dict_subclasses, load_pickle
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -76,6 +79,42 @@ def gensim_test_data_dir() -> Path:
     if not path.is_dir():
         raise DataError(f"{path}: gensim's test data folder is missing")
     return path
+
+
+# The six globals ``mini_newsgroup`` names (found with ``pickletools.genops``): scikit-learn's ``Bunch``,
+# rebuilt as a plain dict without scikit-learn, and numpy's array reconstruction, answered with stand-ins.
+_NEWSGROUPS_GLOBALS = {
+    **dict_subclasses(("sklearn.datasets.base", "Bunch"), ("sklearn.utils", "Bunch")),
+    **NUMPY_ARRAYS,
+}
+
+
+def load_newsgroups_bunch(path: Path) -> dict[str, Any]:
+    """Load gensim's ``mini_newsgroup`` file as a plain dict.
+
+    Parameters
+    ----------
+    path : Path
+        The zlib-compressed, protocol-0 Python 2 pickle.
+
+    Returns
+    -------
+    dict
+        Keys ``data`` (list of str posts, headers included), ``target`` (int64
+        array [n]), ``target_names`` (list of str), ``filenames`` (bytes array [n]).
+
+    Raises
+    ------
+    DataError
+        When the file is not the expected compressed pickle of a dict.
+    """
+    try:
+        obj = load_pickle(zlib.decompress(path.read_bytes()), allow=_NEWSGROUPS_GLOBALS, encoding="latin1")
+    except (zlib.error, pickle.UnpicklingError) as exc:
+        raise DataError(f"{path}: not a readable newsgroups pickle ({exc})") from exc
+    if not isinstance(obj, dict) or not {"data", "target", "target_names"} <= obj.keys():
+        raise DataError(f"{path}: expected a dict with data/target/target_names")
+    return obj
 
 
 _QUOTE_OR_BOX = re.compile(r"^\s*[>|:/\\]")

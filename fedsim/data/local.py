@@ -8,6 +8,7 @@ treats it like the built-in corpus.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 from collections.abc import Iterator
@@ -55,6 +56,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a text file that is not UTF-8, naming the first bad byte (``datasets`` would fail deep inside
+    its builder, in a message that hides the cause). One streaming pass, constant memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of a character split across blocks, decoded with this one
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"data.source: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                    f"{offset - pending + exc.start}); save it as UTF-8"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
+
+
 def load_source(
     source: str, split: str, *, hub_config: str | None = None, csv_as_strings: bool = False
 ) -> tuple[Dataset, str, str]:
@@ -77,6 +99,8 @@ def load_source(
         return raw, f"hub dataset {source!r}", source
 
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"data.source: {path} is a directory, not a file")
     if not path.is_file():
         raise ConfigError(f"data.source: file not found: {path}")
     builder = BUILDER_OF_SUFFIX.get(path.suffix.lower())
@@ -85,6 +109,8 @@ def load_source(
             f"data.source: unsupported file type {path.suffix!r} for {path}; "
             f"use one of {sorted(BUILDER_OF_SUFFIX)}"
         )
+    if builder != "parquet":
+        _check_utf8(path)
     try:
         options: dict[str, Any] = {}
         if builder == "csv" and csv_as_strings:

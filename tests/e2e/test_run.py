@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ import psutil
 import pytest
 
 from fedsim.callbacks.base import Callback
+from fedsim.config import RunConfig
 from fedsim.driver import RunFailed, run
 from fedsim.report import compare, report
+from tests.e2e.exact import EXACT, assert_same_run
 from tests.fedsim.engine.test_choice_engine import write_hellaswag
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -119,34 +122,86 @@ def test_a_client_that_keeps_failing_is_dropped_and_logged(ray_session, tiny_con
 
 
 class _KillOneWorker(Callback):
-    """SIGKILLs one ClientWorker process, once, as soon as round 2's clients are running."""
+    """SIGKILLs, once, this run's worker that is inside ``train`` for a client of round ``round_idx`` (or, if
+    none is seen there, a later round); then watches for the process Ray restarts it in.
 
-    def __init__(self) -> None:
+    Only the run's own workers are candidates (their pids from ``placement.csv``), and a worker counts as busy
+    only while Ray's process title names the method it runs (``ray::ClientWorker.train``). The restarted worker
+    is a ClientWorker process under the same raylet whose pid is not in ``placement.csv``, seen inside ``train``.
+    """
+
+    def __init__(self, round_idx: int) -> None:
+        self.round_idx = round_idx
+        self.run_dir: Path | None = None
+        self.placed: set[int] = set()
         self.killed: int | None = None
+        self.in_flight: tuple[int, int, int] | None = None  # (round, done, total) when the worker was killed
+        self.raylet: psutil.Process | None = None
+        self.restarted: int | None = None
+
+    def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
+        self.run_dir = run_dir
 
     def on_client_progress(self, *, round_idx: int, done: int, total: int) -> None:
-        if round_idx != 2 or self.killed is not None:
+        if round_idx < self.round_idx:
             return
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::ClientWorker"):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                self.killed = proc.info["pid"]
+        if self.killed is None:
+            self._kill_a_training_worker(round_idx, done, total)
+        elif self.restarted is None and self.raylet is not None:
+            self.restarted = next((p.pid for p in self.raylet.children() if p.pid not in self.placed
+                                   and _title(p).startswith("ray::ClientWorker.train")), None)
+
+    def _kill_a_training_worker(self, round_idx: int, done: int, total: int) -> None:
+        assert self.run_dir is not None
+        if not self.placed:
+            self.placed = set(pd.read_csv(self.run_dir / "placement.csv")["pid"].astype(int))
+        for pid in sorted(self.placed):
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                continue
+            if _title(proc).startswith("ray::ClientWorker.train"):
+                self.raylet = proc.parent()
+                os.kill(pid, signal.SIGKILL)
+                self.killed, self.in_flight = pid, (round_idx, done, total)
                 return
 
 
-def test_a_worker_killed_mid_round_is_restarted_and_the_metrics_match_a_clean_run(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    # Prepare
-    overrides = ("rounds=3", "train.local_epochs=5")
-    clean = run(tiny_config(*overrides), out=tmp_path / "clean")
-    killer = _KillOneWorker()
+def _title(proc: psutil.Process) -> str:
+    """A process's title (Ray's ``ray::Class.method`` while a task runs), or "" once it is gone."""
+    try:
+        return (proc.cmdline() or [""])[0]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return ""
+
+
+def test_a_worker_killed_mid_round_is_restarted_and_the_metrics_match_a_clean_run(
+    ray_session: None, tiny_config: Callable[..., RunConfig], tmp_path: Path
+) -> None:
+    """Ray restarts a dead worker and retries the client it was training (workers.max_restarts and
+    max_task_retries); client seeds depend only on (seed, round, client), so the run must come out bit for bit
+    as if nothing had happened."""
+    # Prepare: rounds long enough (5 local epochs) for the kill to find a worker inside train; FedAlign-MoE, so
+    # that its own columns and cross-round state are compared too
+    overrides = ("rounds=3", "train.local_epochs=5", "strategy.name=fedalign_moe", *EXACT)
+    run(tiny_config(*overrides), out=tmp_path / "clean")
+    killer = _KillOneWorker(round_idx=2)
 
     # Execute
     result = run(tiny_config(*overrides), out=tmp_path / "killed", callbacks=[killer])
 
-    # Assert: a worker died in round 2, nobody was dropped, and the metrics are the clean run's
-    assert killer.killed is not None
-    assert result.rounds["clients_failed"].tolist() == [0, 0, 0]
-    pd.testing.assert_frame_equal(result.rounds[METRICS], clean.rounds[METRICS])
+    # Assert: a worker died inside train with a round's clients in flight, and a new process took its place
+    assert killer.killed is not None and killer.in_flight is not None, "no worker of the run was seen inside train"
+    round_idx, done, total = killer.in_flight
+    assert round_idx in (2, 3) and done < total, killer.in_flight
+    assert killer.restarted is not None, "no restarted ClientWorker was seen training"
+    # ... the client it was training was retried: nobody failed or was dropped
+    rounds = result.rounds
+    assert rounds["clients_failed"].tolist() == [0, 0, 0] and rounds["clients_completed"].tolist() == [6, 6, 6]
+    assert "dropped from the round" not in (tmp_path / "killed" / "run.log").read_text()
+    # ... and every table and the final payload are the clean run's
+    left_out = assert_same_run(tmp_path / "killed", tmp_path / "clean")
+    assert "rounds.omega_entropy" not in left_out and "clients.sim_duration_s" not in left_out
 
 
 def test_comm_table_splits_each_clients_bytes_by_payload_class(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +51,39 @@ def test_behaviour_trace_gives_who_is_online_and_when_next(tmp_path: Path) -> No
     assert trace.next_online(31.0) == 50.0
 
 
-def test_a_trace_that_needs_a_global_is_refused_not_run(tmp_path: Path) -> None:
-    path = _write(tmp_path / "cap.pkl", {1: {"computation": np.float64(3.0), "communication": 5.0}})
-    with pytest.raises(ConfigError, match=r"^system.profiles: .* is not a FedScale trace pickle \(refused to load numpy"):
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(("value", "name"), [
+    (np.float64(3.0), r"numpy\._?core\.multiarray\.scalar"),
+    (np.array([3.0]), r"numpy\._?core\.multiarray\._reconstruct"),
+    (OrderedDict(computation=3.0), r"collections\.OrderedDict"),
+    (_Exploit, r"(posix|nt)\.system"),
+], ids=["numpy-scalar", "numpy-array", "dict-subclass", "os-system"])
+def test_a_trace_that_needs_a_global_is_refused_not_run(tmp_path: Path, value: object, name: str) -> None:
+    """FedScale's traces are dicts, lists and numbers: any global at all means the file is not one."""
+    # Prepare
+    marker = tmp_path / "pwned"
+    computation = value(marker) if value is _Exploit else value
+    path = _write(tmp_path / "cap.pkl", {1: {"computation": computation, "communication": 5.0}})
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=rf"^system.profiles: {re.escape(path)} is not a FedScale trace pickle "
+                                          rf"\(global {name} is not allowed in this pickle\)$"):
         fedscale_profiles(path, 2)
+    assert not marker.exists()
+
+
+def test_a_trace_that_is_malformed_or_incomplete_raises_config_error_naming_the_field(tmp_path: Path) -> None:
+    truncated = tmp_path / "cap.pkl"
+    truncated.write_bytes(pickle.dumps({1: {"computation": 1.0, "communication": 5.0}})[:-3])
+    with pytest.raises(ConfigError, match=r"^system.profiles: .* is not a FedScale trace pickle \("):
+        fedscale_profiles(str(truncated), 2)
     with pytest.raises(ConfigError, match="system.availability_trace: file not found"):
         fedscale_availability(str(tmp_path / "nope.pkl"), 2)
     bad = _write(tmp_path / "behave.pkl", {1: {"active": [1.0]}})
