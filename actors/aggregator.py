@@ -71,6 +71,15 @@ def _comm_rows(u: ClientUpdate) -> list[dict[str, Any]]:
     return rows
 
 
+def _duration(u: ClientUpdate, clock: RoundClock) -> float:
+    """The update's length on the simulated clock. Read before the guard sees the update: an ``n_examples``
+    or ``compute_seconds`` the guard will reject (NaN, negative) counts as 0, so it cannot make the round's
+    length NaN."""
+    n, seconds = (v if isinstance(v, int | float) and math.isfinite(v) and v > 0 else 0
+                  for v in (u.n_examples, u.compute_seconds))
+    return clock.duration(u.client_id, n, seconds, sum(u.bytes_down.values()), sum(u.bytes_up.values()))
+
+
 def _failure_reason(exc: Exception) -> str:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, ClientFailure):
@@ -117,8 +126,7 @@ class Aggregator:
             except (RayTaskError, RayActorError, ObjectLostError, ray.exceptions.RaySystemError):
                 out.append(0.0)
                 continue
-            out.append(clock.duration(u.client_id, u.n_examples, u.compute_seconds,
-                                      sum(u.bytes_down.values()), sum(u.bytes_up.values())))
+            out.append(_duration(u, clock))
             del u
         return out
 
@@ -161,8 +169,7 @@ class Aggregator:
                     arrived[i] = None
             del ready, ref
             for u in (a for a in arrived.values() if a is not None and a.client_id not in durations):
-                durations[u.client_id] = clock.duration(u.client_id, u.n_examples, u.compute_seconds,
-                                                        sum(u.bytes_down.values()), sum(u.bytes_up.values()))
+                durations[u.client_id] = _duration(u, clock)
             if clock.policy == "over_select" and pending:
                 continue
             if clock.policy == "over_select" and kept is None:
