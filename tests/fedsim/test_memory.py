@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,12 +64,21 @@ def test_packing_that_does_not_fit_names_the_numbers(base) -> None:  # type: ign
         check_gpu_packing(load_config(None, [*overrides, "workers.gpus_per_worker=0.2"]), need, 80 * GIB)
 
 
-def test_run_refuses_a_packing_before_any_actor_starts(ray_session, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_driver_refuses_a_packing_of_the_configured_gpu(base) -> None:  # type: ignore[no-untyped-def]
+    from fedsim.driver import _check_gpu_memory
+
+    overrides, path = base
+    cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001", "progress=false"])
+    with pytest.raises(ConfigError, match="workers.gpus_per_worker: 0.5 packs 2 worker"):
+        _check_gpu_memory(cfg, SimpleNamespace(base_path=path, num_options=0))  # type: ignore[arg-type]
+
+
+def test_run_refuses_gpu_workers_on_a_cluster_without_gpus_before_any_actor_starts(ray_session, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fedsim.driver import run
 
     overrides, _ = base
     cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001", "progress=false"])
-    with pytest.raises(ConfigError, match="workers.gpus_per_worker: 0.5 packs 2 worker"):
+    with pytest.raises(ConfigError, match="workers: no worker fits: .* 0 GPUs"):
         run(cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
