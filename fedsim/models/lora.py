@@ -13,6 +13,9 @@ as out × in, e.g. ``gate_up_proj`` [E, 2I, H]):
 - ΔW_e = (α / r) · B_e A_e, with A_e [r, d_in], B_e [d_out, r].
 
 The payload layout (``fedsim.models.layout``) splits both along these axes.
+peft's own forward folds W + ΔW for every expert on each pass; fedsim
+computes the same LoRA on each expert's routed rows instead
+(``fedsim.models.expert_lora``), keeping peft's factors and format.
 
 A family that keeps each expert as its own module (SwitchTransformers:
 ``experts.expert_e.wi``/``wo``, one ``nn.Linear`` each) gets peft's plain LoRA
@@ -31,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from aggregation.errors import ConfigError
+from fedsim.models.expert_lora import route_expert_lora
 from fedsim.models.registry import FamilySpec, family_of
 
 
@@ -43,6 +47,7 @@ def apply_lora(
     lora_attention: bool = True,
     lora_experts: bool = True,
     seed: int = 0,
+    routed_experts: bool = False,
 ) -> PeftModel:
     """Wrap ``model`` with LoRA adapters and make its routers trainable.
 
@@ -62,13 +67,19 @@ def apply_lora(
     rank, alpha : int, float
         LoRA rank r and scale α (the update is scaled by α / r).
     dropout : float
-        Dropout on the attention adapters' input. peft cannot drop out the
-        input of a fused-expert adapter (it folds B·A into the weight before
-        the experts run), so the experts' adapters get none.
+        Dropout on the attention adapters' input. The experts' adapters get
+        none: peft's fused-expert adapter cannot drop out its input (it folds
+        B·A into the weight), and the routed computation keeps its numbers.
     seed : int
         Seeds the factors' initialisation (a forked RNG; the caller's RNG
         state is untouched). B starts at zero, so the wrapped model computes
         what ``model`` did.
+    routed_experts : bool
+        Compute the fused experts' LoRA on each expert's routed rows
+        (``fedsim.models.expert_lora``: same loss, gradients and factors,
+        without forming W + B·A for every expert on each forward). False, the
+        default until the end-to-end suite has run on it, keeps peft's own
+        forward (the reference the tests compare against).
     """
     spec = family_of(model)
     if not (lora_attention or lora_experts):
@@ -87,6 +98,8 @@ def apply_lora(
         peft_model = get_peft_model(model, config)
         if lora_attention:
             _adapt_shared_experts(peft_model, config)
+    if routed_experts and lora_experts and spec.fused_experts:
+        route_expert_lora(spec.experts_modules(peft_model))
     if dropout > 0.0:
         in_experts = {id(m) for experts in spec.experts_modules(peft_model) for m in experts.modules()}
         for module in peft_model.modules():
