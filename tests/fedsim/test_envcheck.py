@@ -22,18 +22,21 @@ def test_pins_read_names_and_versions_when_lines_carry_extras_and_comments() -> 
     assert found == [("ray", "2.60.0"), ("torch", "2.13.0"), ("rich", None)]
 
 
+def _check(tmp_path: Path, capsys: pytest.CaptureFixture[str], requirements: str) -> tuple[int, str]:
+    """Run the check on a requirements file holding ``requirements``; its exit code and stderr."""
+    path = tmp_path / "requirements.txt"
+    path.write_text(requirements)
+    code = envcheck.main([str(path)])
+    return code, capsys.readouterr().err
+
+
 def test_check_fails_in_one_line_naming_the_first_missing_pin_when_a_distribution_is_absent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Prepare: one present pin before two absent ones
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text(f"pytest=={metadata.version('pytest')}\nno-such-dist-fedsim==1.0\nnor-this-one==2\n")
-
-    # Execute
-    code = envcheck.main([str(requirements)])
+    # Prepare / Execute: one present pin before two absent ones
+    code, err = _check(tmp_path, capsys, f"pytest=={metadata.version('pytest')}\nno-such-dist-fedsim==1.0\nnor-this-one==2\n")
 
     # Assert
-    err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"fedsim: error: the cluster's Python ({sys.executable}) lacks no-such-dist-fedsim "
                           "(fedsim pins no-such-dist-fedsim==1.0) and 1 more of requirements.txt: ")
@@ -43,15 +46,11 @@ def test_check_fails_in_one_line_naming_the_first_missing_pin_when_a_distributio
 def test_check_passes_silently_when_every_pin_is_installed_at_its_version(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Prepare
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text(f"pytest=={metadata.version('pytest')}\nPyYAML=={metadata.version('PyYAML')}\n")
-
-    # Execute
-    code = envcheck.main([str(requirements)])
+    # Prepare / Execute
+    code, err = _check(tmp_path, capsys, f"pytest=={metadata.version('pytest')}\nPyYAML=={metadata.version('PyYAML')}\n")
 
     # Assert
-    assert code == 0 and capsys.readouterr().err == ""
+    assert code == 0 and err == ""
 
 
 def test_check_warns_and_passes_when_a_pin_is_installed_at_another_version(
