@@ -115,7 +115,11 @@ def test_routed_step_gives_peft_loss_gradients_and_update(tiny: TinyMoE, fused_f
     assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)
     assert grads.keys() == grads_ref.keys() and any("experts" in n and "lora_A" in n for n in grads)
     for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        # float32 rounding of a sum scales with its terms, not its result: an entry that cancels to ~0 carries
+        # rounding at the scale of the tensor's largest entries (up to 6e-6 of them here, and CPUs differ);
+        # a missing or misrouted term moves entries by that whole scale
+        scale = grads_ref[name].abs().max().item()
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-4 * scale, msg=name)
         torch.testing.assert_close(after[name], after_ref[name], rtol=0, atol=1e-3 * LR, msg=name)
 
 
