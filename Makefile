@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_compare.py --quick
 	$(BIN)/python benchmarks/demo_task.py --quick
 	$(BIN)/python benchmarks/paper_ablation.py --quick
+	$(BIN)/python benchmarks/expert_lora.py --quick
+	$(BIN)/python benchmarks/run_memory.py --quick
 
 # fedsim vs Flower's simulation engine; Flower pins its own ray, so it gets its own venv (needs PyPI once).
 FLOWER_STAMP := .venv-flower/.installed

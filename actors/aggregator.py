@@ -54,6 +54,7 @@ def _client_row(u: ClientUpdate) -> dict[str, Any]:
         "train_loss": u.metric("train_loss"),
         "compression_error": u.metric("compression_error"),  # nan when the uplink is not compressed
         "compute_s": u.compute_seconds,
+        "stats_s": u.metric("stats_seconds"),  # of compute_s, the routing-statistics pass after training (0: none)
         "alltoall_s": u.metric("alltoall_seconds"),  # nan unless the deepspeed engine profiles its exchanges
         "gpu_peak_mib": u.metric("gpu_peak_mib"),  # the worker's peak GPU memory for this client; nan on CPU
         "bytes_down": int(sum(u.bytes_down.values())),

@@ -230,6 +230,7 @@ class WorkerPool:
         return [{"unit": u, "rank": r, **info} for u, unit_refs in enumerate(refs) for r, info in enumerate(ray.get(unit_refs))]
 
     def memory(self) -> list[dict[str, float]]:
+        """Each worker's process id and peak resident memory (MiB), in ``placement`` order."""
         return ray.get([m.memory.remote() for unit in self.units for m in unit])
 
     def shutdown(self) -> None:

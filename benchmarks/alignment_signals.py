@@ -21,11 +21,11 @@ Dirichlet α:
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_k, _v)
+from fedsim import environment  # noqa: E402
+
+environment.apply()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -17,9 +17,9 @@ import os
 import tempfile
 from pathlib import Path
 
-for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_k, _v)
+from fedsim import environment  # noqa: E402
+
+environment.apply()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

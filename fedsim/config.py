@@ -96,6 +96,10 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     attention: bool = True
     experts: bool = True
+    routed_experts: bool = Field(
+        True, description="compute the fused experts' LoRA on each expert's routed rows (same numbers as peft's "
+        "path, cost follows the tokens); false: peft's own forward, which forms W + B·A for every expert"
+    )
 
 
 class DataConfig(_Section):
@@ -177,12 +181,14 @@ class TrainConfig(_Section):
 
         With ``local_steps`` every client big enough trains the same number of
         rows, whatever its size; the ``after`` statistics pass reads each
-        example once more, forward only (about a third of a training row).
+        example once more, forward only: about half a training row
+        (``benchmarks/expert_lora.py``: 0.47–0.55 at real widths on the routed
+        path, whose backward skips the frozen weights' gradients).
         """
         rows = self.local_epochs * n_examples
         if self.local_steps is not None:
             rows = min(rows, self.local_steps * self.batch_size)
-        return rows + (n_examples / 3 if self.routing_stats == "after" else 0.0)
+        return rows + (n_examples / 2 if self.routing_stats == "after" else 0.0)
 
 
 class FedAlignConfig(_Section):

@@ -43,6 +43,7 @@ from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import ConfigError, FedsimError, RunFailed
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
+from fedsim import environment
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.callbacks.metrics_table import MetricsTable
 from fedsim.callbacks.progress import Progress
@@ -60,9 +61,7 @@ from fedsim.strategies import StrategyFactory
 
 log = logging.getLogger("fedsim")
 
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 FILE_ONLY = {"file_only": True}  # log records the console leaves to the CLI's own error line
-HF_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 class ClientSampler:
@@ -181,16 +180,14 @@ def ray_system_config(cfg: RunConfig, prepared: PreparedRun) -> dict[str, Any]:
 
 def attach_cluster(cfg: RunConfig) -> None:
     """Connect to ``workers.ray_address`` (when set and not connected yet), so its resources can be checked."""
-    for k, v in {**RAY_ENV, **HF_ENV}.items():
-        os.environ.setdefault(k, v)
+    environment.apply()
     if cfg.workers.ray_address and not ray.is_initialized():
         ray.init(address=cfg.workers.ray_address, logging_level=logging.WARNING)
 
 
 def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
     """Attach to ``workers.ray_address`` or start an embedded local Ray; True if started here."""
-    for k, v in {**RAY_ENV, **HF_ENV}.items():
-        os.environ.setdefault(k, v)
+    environment.apply()
     if ray.is_initialized():
         return False
     if cfg.workers.ray_address:
@@ -199,12 +196,13 @@ def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
     system_config = ray_system_config(cfg, prepared)
     log.debug("embedded Ray: %s", f"inlining limit {system_config}" if system_config else "Ray's default inlining limit")
     ray.init(
+        address="local",  # a new Ray of its own, even where `ray start` or RAY_ADDRESS names a cluster on this machine
         num_cpus=cfg.workers.ray_num_cpus or os.cpu_count(),
         include_dashboard=False,
         logging_level=logging.WARNING,
         # the workers' own output stays in Ray's session logs (/tmp/ray/session_latest/logs) unless debugging
         log_to_driver=debug_enabled(),
-        runtime_env={"env_vars": {**RAY_ENV, **HF_ENV}},
+        runtime_env={"env_vars": environment.ENV},
         _system_config=system_config,
     )
     return True
@@ -212,8 +210,7 @@ def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
 
 def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callback] | None = None) -> RunResult:
     """Run a whole federated job; returns the run directory and its tables."""
-    for k, v in HF_ENV.items():
-        os.environ.setdefault(k, v)
+    environment.apply()
     quiet_libraries()
     # What can be checked cheaply is checked before prepare(), which may pretrain a base for minutes:
     if cfg.logging.tensorboard:
@@ -267,8 +264,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
     """Continue a run from its last checkpoint; the tables come out as an uninterrupted run's would."""
-    for k, v in HF_ENV.items():
-        os.environ.setdefault(k, v)
+    environment.apply()
     quiet_libraries()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -345,9 +341,11 @@ def _execute(
 ) -> RunResult:
     """The rounds of a run (from its checkpoint when given), with status, callbacks and clean-up."""
     _write_status(run_dir, "running")
-    cbs: list[Callback] = [table, Progress(enabled=cfg.progress), *(callbacks or [])]
+    # the user's callbacks first: a metric one returns is in the row the built-in ones show and the table writes
+    cbs: list[Callback] = [*(callbacks or []), Progress(enabled=cfg.progress)]
     if cfg.logging.tensorboard:
         cbs.append(TensorBoardScalars())
+    cbs.append(table)
     pool: WorkerPool | None = None
     status = "failed"
     try:
@@ -362,6 +360,8 @@ def _execute(
         else:
             _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
         status = "completed"
+        memory = pd.DataFrame(pool.memory())  # a restarted worker's row carries its new process
+        placement.assign(pid=memory["pid"], peak_rss_mib=memory["peak_rss_mib"]).to_csv(run_dir / "placement.csv", index=False)
     except Exception as exc:
         log.error("run failed: %s", exc, extra=FILE_ONLY)
         _write_status(run_dir, "failed", error=str(exc))
@@ -520,6 +520,7 @@ def _close_round(
         row["eval_wall_s"] = time.perf_counter() - t1
     row["wall_s"] = time.perf_counter() - t0
     row["driver_peak_rss_mib"] = _peak_rss_mib()
+    row["worker_peak_rss_mib"] = max(m["peak_rss_mib"] for m in pool.memory())
     at = {"sim_time_s": row.get("sim_time_s", float("nan"))}  # simulated time is a column of every table
     record = RoundRecord(r, row, [{**c, **at} for c in summary.clients], [{**c, **at} for c in summary.comm],
                          [{**c, **at} for c in _routing_rows(summary.routing_p_bar)])
@@ -683,5 +684,6 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "aggregator_peak_rss_mib": s.aggregator_peak_rss_mib,
         "aggregator_uss_mib": s.aggregator_uss_mib,
         "driver_peak_rss_mib": 0.0,
+        "worker_peak_rss_mib": 0.0,
         **s.report,  # the strategy's own columns (e.g. FedAlign-MoE's omega_entropy, excluded_pair_frac)
     }

@@ -25,6 +25,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from aggregation.errors import ConfigError
+from fedsim import environment
 from fedsim.config import RunConfig, load_config
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -76,8 +77,7 @@ def submit(address: str, cfg: RunConfig, *, pip: bool = False, run_dir_name: str
     staging = stage(cfg)
     try:
         runtime_env: dict[str, object] = {"working_dir": str(staging),
-                                          "env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                                       "RAY_USAGE_STATS_ENABLED": "0"}}
+                                          "env_vars": environment.ENV}
         if pip:  # the pinned set, installed by Ray on the cluster's nodes
             runtime_env["pip"] = [line for line in (PROJECT / "requirements.txt").read_text().splitlines()
                                   if line.strip() and not line.startswith("#")]

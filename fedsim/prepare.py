@@ -41,7 +41,7 @@ from fedsim.data import (
 )
 from fedsim.data.choice import ChoiceTask
 from fedsim.data.choice_sources import load_choice_dataset
-from fedsim.models import build_model, family_spec
+from fedsim.models import build_model, family_spec, save_base
 from fedsim.models.pretrain import pretrain_lm
 
 log = logging.getLogger("fedsim")
@@ -170,7 +170,7 @@ def prepare_base(cfg: RunConfig, train_texts: list[str], label_names: tuple[str,
                 seed=m.pretrain.seed,
                 show_progress=cfg.progress,
             )
-        model.save_pretrained(tmp)
+        save_base(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     return _cached(Path(cfg.cache_dir) / key, build)

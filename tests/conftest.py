@@ -1,21 +1,15 @@
 """Suite-wide environment: loopback-only Ray, no usage stats, no hub downloads."""
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fedsim import environment
+
 E2E = Path(__file__).resolve().parent / "e2e"
 
-for _k, _v in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
+environment.apply()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not ray"` must see these marks

@@ -109,6 +109,7 @@ class TorchEngine:
             dropout=spec.lora.dropout,
             lora_attention=spec.lora.attention,
             lora_experts=spec.lora.experts,
+            routed_experts=spec.lora.routed_experts,
             seed=spec.lora_seed,  # identical LoRA init on every worker
         )
         if half:
@@ -302,8 +303,11 @@ class TorchEngine:
                     seen += int(batch_seen)
                     steps += 1
             routing = self._sum_stats(recorder.stats()) if during else ()
+        stats_seconds = 0.0
         if cfg.routing_stats == "after":
+            t_stats = time.perf_counter()
             routing = self._routing_stats(data)
+            stats_seconds = time.perf_counter() - t_stats
 
         delta = self._read()
         if delta is None:  # a group member: the group's first rank returns the update
@@ -313,7 +317,8 @@ class TorchEngine:
             delta[:1] = np.nan  # injected fault (faults.nan_clients): one NaN poisons a plain average
         up = self.layout.class_bytes()
         down = dict(up)
-        metrics = {"train_loss": (loss_sum, float(seen)), **self._profile_metrics(profile)}
+        metrics = {"train_loss": (loss_sum, float(seen)), "stats_seconds": (stats_seconds, 1.0),
+                   **self._profile_metrics(profile)}
         if on_gpu:  # the client's peak, then the allocator's cache goes back so the next client starts clean
             metrics["gpu_peak_mib"] = (torch.cuda.max_memory_allocated(self.device) / 2**20, 1.0)
             torch.cuda.empty_cache()

@@ -2,7 +2,7 @@
 
 from fedsim.models.layout import build_layout, read_payload, write_payload
 from fedsim.models.lora import apply_lora
-from fedsim.models.registry import FAMILIES, FamilySpec, build_model, family_of, family_spec, load_pretrained
+from fedsim.models.registry import FAMILIES, FamilySpec, build_model, family_of, family_spec, load_pretrained, save_base
 from fedsim.models.routing_hooks import RoutingRecorder
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "family_spec",
     "load_pretrained",
     "read_payload",
+    "save_base",
     "write_payload",
 ]

@@ -104,10 +104,12 @@ def routed_experts_forward(
     """The experts' output [T, H] for ``hidden`` [T, H] routed to ``top_k_index`` [T, k] with ``top_k_weights``.
 
     What transformers' experts implementations compute, with each adapted
-    projection's LoRA added on the expert's own rows. Rows are visited
-    expert by expert in one sorted pass; a per-expert view (``split``,
-    ``unbind``) keeps every backward a single gather, so no step allocates a
-    tensor of the size of all experts' weights.
+    projection's LoRA added on the expert's own rows. Experts are visited in
+    turn: each gathers its rows, computes, and adds its weighted output into
+    the [T, H] result in place, so no pass holds a [T·k, H] tensor beyond what
+    autograd saves (a no-grad pass, as evaluation and the routing statistics
+    run, holds one expert's rows at a time), and a per-expert view of the
+    weights and factors keeps every backward a single gather.
     """
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])
@@ -116,26 +118,26 @@ def routed_experts_forward(
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host read per layer
+    tokens = (order // k).split(counts)
+    weights = top_k_weights.reshape(-1)[order].split(counts)
     w_up, w_down = experts.gate_up_proj, experts.down_proj
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    rows = hidden[order // k]
-    if not autocast:  # peft's path runs the experts in the base's dtype
-        rows = rows.to(w_up.dtype)
     up, down = factors.get("gate_up_proj"), factors.get("down_proj")
-    out = []
-    for e, x_e in enumerate(rows.split(counts)):
+    out: torch.Tensor | None = None
+    for e in range(num_experts):
         if counts[e] == 0:
             continue
-        h = _adapted_linear(x_e, w_up[e], up, e, autocast)
-        h = _gate(experts, h)
-        out.append(_adapted_linear(h, w_down[e], down, e, autocast))
-    if not out:
+        x_e = hidden[tokens[e]]
+        if not autocast:  # peft's path runs the experts in the base's dtype
+            x_e = x_e.to(w_up.dtype)
+        h = _gate(experts, _adapted_linear(x_e, w_up[e], up, e, autocast))
+        y_e = _adapted_linear(h, w_down[e], down, e, autocast) * weights[e][:, None]  # promotes as transformers' do
+        if out is None:
+            out = torch.zeros(hidden.shape[0], y_e.shape[-1], dtype=y_e.dtype, device=y_e.device)
+        out.index_put_((tokens[e],), y_e, accumulate=True)  # saves only the indices for backward
+    if out is None:
         return torch.zeros_like(hidden).reshape(shape)
-    y = torch.cat(out) * top_k_weights.reshape(-1)[order, None]  # promotes as transformers' implementations do
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = y[inverse].view(-1, k, y.shape[-1]).sum(dim=1)  # each token's k slots, summed in slot order
-    return y.to(hidden.dtype).reshape(shape)
+    return out.to(hidden.dtype).reshape(shape)
 
 
 def _adapted_linear(

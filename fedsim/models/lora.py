@@ -47,7 +47,7 @@ def apply_lora(
     lora_attention: bool = True,
     lora_experts: bool = True,
     seed: int = 0,
-    routed_experts: bool = False,
+    routed_experts: bool = True,
 ) -> PeftModel:
     """Wrap ``model`` with LoRA adapters and make its routers trainable.
 
@@ -77,9 +77,9 @@ def apply_lora(
     routed_experts : bool
         Compute the fused experts' LoRA on each expert's routed rows
         (``fedsim.models.expert_lora``: same loss, gradients and factors,
-        without forming W + B·A for every expert on each forward). False, the
-        default until the end-to-end suite has run on it, keeps peft's own
-        forward (the reference the tests compare against).
+        without forming W + B·A for every expert on each forward). False keeps
+        peft's own forward: the reference the tests compare against, and
+        ``lora.routed_experts: false`` for a run.
     """
     spec = family_of(model)
     if not (lora_attention or lora_experts):

@@ -380,7 +380,48 @@ def load_pretrained(
         config.router_jitter_noise = 0.0
     if quantization != "none":
         options.update(_quantized(FAMILIES[config.model_type], quantization, device))
-    return model_class(config).from_pretrained(source, config=config, **options)
+    model = model_class(config).from_pretrained(source, config=config, **options)
+    _release_converted_checkpoint(model)
+    return model
+
+
+def save_base(model: PreTrainedModel, directory: Path) -> None:
+    """Save a base in its own tensor layout: the fused ``[E, out, in]`` expert tensors as the model holds them.
+
+    transformers' default save splits fused experts into the hub's per-expert
+    tensors (a copy of the experts: +2.0 GiB at OLMoE widths, 2 layers) and
+    its load fuses them again (another copy). Saved as laid out, a load maps
+    the file in place: a worker's frozen weights are page-cache pages, read
+    when first touched and shared by the workers of a node.
+    """
+    model.save_pretrained(directory, save_original_format=False)
+
+
+def _release_converted_checkpoint(model: nn.Module) -> None:
+    """Copy out the parameters that still point into a checkpoint file whose other tensors were converted.
+
+    A checkpoint in the hub's layout is converted as it loads (per-expert
+    tensors fused into new ones); the parameters loaded as they are stay views
+    of the file's mapping, which keeps every page the conversion read resident
+    (3.1 GiB at OLMoE widths, 2 layers). Copying those few out lets the
+    mapping go. A checkpoint in the model's own layout (``save_base``) is left
+    mapped: every parameter is a view of it. Linux only (``/proc/self/maps``).
+    """
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    spans = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and (fields[5].endswith(".safetensors") or "/blobs/" in fields[5]):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((lo, hi))
+    params = list(model.parameters())
+    mapped = [p for p in params if any(lo <= p.untyped_storage().data_ptr() < hi for lo, hi in spans)]
+    if mapped and len(mapped) < len(params):
+        with torch.no_grad():
+            for param in mapped:
+                param.data = param.data.clone()
 
 
 def _quantized(spec: FamilySpec, quantization: Quantization, device: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_client_work_counts_epochs_the_step_cap_and_the_statistics_pass() -> Non
     assert TrainConfig(local_epochs=2, routing_stats="off").client_work(30) == 60
     assert TrainConfig(local_epochs=2, local_steps=3, batch_size=8, routing_stats="off").client_work(30) == 24
     assert TrainConfig(local_steps=3, batch_size=8, routing_stats="off").client_work(10) == 10  # fewer rows than the cap
-    assert TrainConfig(routing_stats="after").client_work(30) == 40  # one forward pass over 30 ≈ 10 training rows
+    assert TrainConfig(routing_stats="after").client_work(30) == 45  # one forward pass over 30 ≈ 15 training rows
 
 
 @pytest.mark.ray

@@ -32,7 +32,8 @@ def _fedsim_run(tmp_path: Path, *overrides: str, debug: bool = False) -> subproc
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=420)
 
 
-def test_run_console_holds_fedsim_lines_only_and_one_line_per_round(tmp_path: Path) -> None:
+def test_run_console_holds_fedsim_lines_only_and_one_line_per_round(ray_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With another Ray running on this machine (this test process's): the run starts its own, never attaches."""
     # Execute: round 1 is not evaluated (eval.every=2), round 2 is; workers.max_restarts is 2 by default
     done = _fedsim_run(tmp_path, "eval.every=2")
     # Assert

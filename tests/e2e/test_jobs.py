@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from fedsim import environment
 from tests.e2e.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 # Ray ≥ 2.59 starts local clusters with token authentication; the client must say so to send the token.
 # The job's `python` is the cluster's: this project's environment, as for a user who activated it.
-ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+ENV = {**os.environ, **environment.RAY_ENV, "RAY_AUTH_MODE": "token",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from aggregation.errors import FedsimError
+from fedsim import environment
 from fedsim.checkpoint import load_checkpoint
 from fedsim.config import RunConfig
 from fedsim.driver import resume, run
@@ -31,8 +32,7 @@ from tests.e2e.exact import EXACT, assert_same_run, read_table
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-       "HF_DATASETS_OFFLINE": "1"}
+ENV = {**os.environ, **environment.ENV}
 # 4 rounds of 4 of the 6 clients (the sampler's state matters), 8 local epochs (a round lasts long enough, ~1 s,
 # for the stop to land before the next checkpoint), a checkpoint every 2 rounds: the stop after round 3 resumes
 # from 2. One worker: results do not depend on the count, and each of the 3 Ray starts a case makes is faster.

@@ -27,9 +27,16 @@ METRICS = ["round", "test_loss", "test_accuracy", "train_loss", "clients_sampled
            "bytes_down", "bytes_up", "routing_tv"]
 
 
+class _HalfRound(Callback):
+    """A user's callback that adds a metric of its own to each round's row."""
+
+    def after_round(self, record):  # type: ignore[no-untyped-def]
+        return False, {"half_round": record.round_idx / 2}
+
+
 def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # Execute
-    result = run(tiny_config(), out=tmp_path / "run")
+    result = run(tiny_config(), out=tmp_path / "run", callbacks=[_HalfRound()])
     # Assert
     d = result.run_dir
     for name in ("config.yaml", "manifest.json", "rounds.parquet", "rounds.csv", "clients.csv", "run.log"):
@@ -42,6 +49,7 @@ def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) ->
     assert manifest["partition_hash"] and manifest["versions"]["ray"] == "2.60.0"
     rounds = pd.read_parquet(d / "rounds.parquet")
     assert list(rounds["round"]) == [1, 2]
+    assert rounds["half_round"].tolist() == [0.5, 1.0]  # a callback's metric reaches the table on disk
     for col in METRICS + ["wall_s", "train_wall_s"]:
         assert col in rounds and rounds[col].notna().all(), col
     acc = rounds["test_accuracy"].tolist()
@@ -52,7 +60,13 @@ def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) ->
     assert len(clients) == 12
     assert set(clients.columns) >= {"round", "client", "n_examples", "train_loss", "compute_s", "bytes_down", "bytes_up"}
     assert (clients["compute_s"] > 0).all() and (clients["bytes_up"] > clients["bytes_down"]).all()
+    assert ((clients["stats_s"] > 0) & (clients["stats_s"] < clients["compute_s"])).all()
     assert all(math.isfinite(v) for v in clients["train_loss"])
+    # each process's peak memory: every worker's, once the run completed, and the largest in each round
+    workers = pd.read_csv(d / "placement.csv")
+    assert len(workers) == 2 and (workers["peak_rss_mib"] > 100).all()
+    assert (rounds["worker_peak_rss_mib"] <= workers["peak_rss_mib"].max()).all()
+    assert rounds["worker_peak_rss_mib"].iloc[-1] == workers["peak_rss_mib"].max()
 
 
 def test_run_same_seed_same_metrics_with_one_or_two_workers(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

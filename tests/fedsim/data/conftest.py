@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import pytest
+from datasets import Dataset
+from transformers import PreTrainedTokenizerFast
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import pytest  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
-from fedsim.data import LABEL_NAMES, load_topic_corpus, make_synthetic_corpus, train_bpe_tokenizer  # noqa: E402
+from fedsim.data import LABEL_NAMES, load_topic_corpus, make_synthetic_corpus, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -6,21 +6,16 @@ sparse, so its tiny model has 4 MoE layers: the encoder's, then the decoder's.
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import PreTrainedModel  # noqa: E402
-
-from fedsim.models import apply_lora, build_model, family_spec  # noqa: E402
+from fedsim.models import apply_lora, build_model, family_spec
 
 FUSED_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
 FAMILIES = [*FUSED_FAMILIES, "switch_transformers"]

@@ -162,9 +162,9 @@ def prepared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _engine(family: str, cache: Path) -> tuple[TorchEngine, np.ndarray]:
+def _engine(family: str, cache: Path, *, routed: bool) -> tuple[TorchEngine, np.ndarray]:
     """The torch engine on the tests' tiny synthetic task for ``family``, and one client's rows."""
-    cfg = load_config(None, [
+    cfg = load_config(None, [f"lora.routed_experts={str(routed).lower()}",
         "progress=false", f"model.family={family}", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
         "model.num_kv_heads=1", "model.intermediate_size=32", "model.num_experts=4", "model.top_k=2",
         "model.pretrain.steps=0", "model.pretrain.tokenizer_vocab=400", "lora.rank=2", "data.source=synthetic",
@@ -180,10 +180,9 @@ def _engine(family: str, cache: Path) -> tuple[TorchEngine, np.ndarray]:
 
 def test_engine_trains_a_client_to_the_peft_path_update(fused_family_name: str, prepared_cache: Path) -> None:
     """A full client (several batches, two epochs, AdamW, routing statistics) through the torch engine."""
-    # Prepare: one engine switched to the routed path, a second one as built (peft's path)
-    engine, rows = _engine(fused_family_name, prepared_cache)
-    route_expert_lora(family_of(engine.model).experts_modules(engine.model))
-    reference, _ = _engine(fused_family_name, prepared_cache)
+    # Prepare: one engine as runs build it (the routed path), a second one on peft's path
+    engine, rows = _engine(fused_family_name, prepared_cache, routed=True)
+    reference, _ = _engine(fused_family_name, prepared_cache, routed=False)
     assert not isinstance(family_of(reference.model).experts_modules(reference.model)[0], RoutedExpertLora)
     instructions = ClientInstructions(client_id=0, round_idx=1, seed=3)
     # Execute

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from aggregation.errors import ConfigError
-from fedsim.models import build_model, family_of, family_spec, load_pretrained
+from fedsim.models import build_model, family_of, family_spec, load_pretrained, save_base
 from fedsim.models.registry import FAMILIES
 
 if TYPE_CHECKING:
@@ -161,10 +161,28 @@ def test_moe_blocks_skip_dense_layers_when_qwen3_has_mlp_only_layers() -> None:
     assert blocks == [model.model.layers[1].mlp]
 
 
-def test_load_pretrained_after_save_gives_identical_logits(tiny: TinyMoE, family_name: str, tmp_path: Path) -> None:
+def _file_backed(model: nn.Module) -> list[bool]:
+    """Whether each parameter's storage lies in a mapping of a ``.safetensors`` file."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            spans.append([int(x, 16) for x in fields[0].split("-")])
+    return [any(lo <= p.untyped_storage().data_ptr() < hi for lo, hi in spans) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("layout", ["hub", "own"])
+def test_load_pretrained_after_save_gives_identical_logits(
+    tiny: TinyMoE, family_name: str, layout: str, tmp_path: Path
+) -> None:
+    """Either checkpoint layout: the hub's (transformers' default save, what a downloaded model has) or the
+    model's own (``save_base``, what fedsim's bases are)."""
     # Prepare
     model = tiny.model(family_name, seed=3)
-    model.save_pretrained(tmp_path)
+    if layout == "hub":
+        model.save_pretrained(tmp_path)
+    else:
+        save_base(model, tmp_path)
     ids = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 0, 4]])
 
     # Execute
@@ -175,6 +193,23 @@ def test_load_pretrained_after_save_gives_identical_logits(tiny: TinyMoE, family
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
     with torch.no_grad():  # same weights; Qwen2-MoE's reload computes ~1e-8 apart (the kernels' summation order)
         torch.testing.assert_close(tiny.forward(model, ids).logits, tiny.forward(loaded, ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_a_base_in_its_own_layout_is_read_in_place_and_a_converted_one_leaves_no_mapping(
+    tiny: TinyMoE, fused_family_name: str, tmp_path: Path
+) -> None:
+    """Own layout: every parameter is a view of the mapped file (no copy; pages shared by a node's workers).
+    Hub layout, fused on load: no parameter keeps the file mapped (its pages would stay resident)."""
+    # Prepare
+    model = tiny.model(fused_family_name)
+    save_base(model, tmp_path / "own")
+    model.save_pretrained(tmp_path / "hub")
+    # Execute
+    own, hub = load_pretrained(str(tmp_path / "own")), load_pretrained(str(tmp_path / "hub"))
+    # Assert
+    assert all(_file_backed(own))
+    assert not any(_file_backed(hub))
 
 
 def test_load_pretrained_raises_config_error_naming_missing_path(tmp_path: Path) -> None:
