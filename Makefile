@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench bench-flower clean
+.PHONY: setup demo test test-fast lint bench bench-flower clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not ray and not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# ruff (style, docstrings, imports) on everything; mypy strict on the three packages (pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy fedsim actors aggregation
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py

@@ -2,6 +2,10 @@
 
 from typing import Any
 
+from actors.aggregator import Aggregator, RoundSummary
+from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_work
+from actors.worker import ClientWorker, Engine
+
 # Ray's max_direct_call_object_size: an object under it (100 KiB by default) is inlined into each process
 # handed its reference instead of going to the shared object store.
 RAY_INLINE_DEFAULT_BYTES = 100 * 1024
@@ -33,10 +37,6 @@ def embedded_system_config(update_bytes: int, clients_per_round: int) -> dict[st
 # For an embedded Ray started before the workload is known (tests, benchmarks of the aggregator alone): every
 # object over 1 KiB in the shared store, the choice that bounds memory whatever the cohort.
 EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": SHARED_STORE_ONLY_BYTES}
-
-from actors.aggregator import Aggregator, RoundSummary
-from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_work
-from actors.worker import ClientWorker, Engine
 
 __all__ = [
     "EMBEDDED_SYSTEM_CONFIG",

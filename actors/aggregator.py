@@ -10,7 +10,6 @@ result is bit-identical whatever the number of workers or arrival order.
 from __future__ import annotations
 
 import math
-import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -44,7 +43,8 @@ class RoundSummary:
     sim_round_s: float = 0.0  # the round's length on the simulated clock
     routing_p_bar: dict[int, list[np.ndarray]] = field(default_factory=dict)
     aggregator_peak_rss_mib: float = 0.0
-    aggregator_uss_mib: float = math.nan  # private memory now (when measured): object-store pages read zero-copy are shared
+    # private memory now (when measured): object-store pages read zero-copy are shared
+    aggregator_uss_mib: float = math.nan
 
 
 def _client_row(u: ClientUpdate) -> dict[str, Any]:
@@ -73,9 +73,11 @@ def _comm_rows(u: ClientUpdate) -> list[dict[str, Any]]:
 
 
 def _duration(u: ClientUpdate, clock: RoundClock) -> float:
-    """The update's length on the simulated clock. Read before the guard sees the update: an ``n_examples``
-    or ``compute_seconds`` the guard will reject (NaN, negative) counts as 0, so it cannot make the round's
-    length NaN."""
+    """The update's length on the simulated clock.
+
+    Read before the guard sees the update: an ``n_examples`` or ``compute_seconds`` the guard will reject
+    (NaN, negative) counts as 0, so it cannot make the round's length NaN.
+    """
     n, seconds = (v if isinstance(v, int | float) and math.isfinite(v) and v > 0 else 0
                   for v in (u.n_examples, u.compute_seconds))
     return clock.duration(u.client_id, n, seconds, sum(u.bytes_down.values()), sum(u.bytes_up.values()))
@@ -117,9 +119,11 @@ class Aggregator:
             out.append(replace(ins, residual=self.residuals[c]) if c in self.residuals else ins)
         return out
 
-    def durations(self, update_refs: list[ray.ObjectRef], clock: RoundClock) -> list[float]:
-        """Each update's simulated duration, once all have finished (0 for a client that failed: it is
-        known at once). Read zero-copy; nothing is merged."""
+    def durations(self, update_refs: list[ray.ObjectRef[ClientUpdate]], clock: RoundClock) -> list[float]:
+        """Each update's simulated duration, once all have finished.
+
+        0 for a client that failed: it is known at once. Read zero-copy; nothing is merged.
+        """
         out = []
         for ref in update_refs:
             try:
@@ -133,8 +137,8 @@ class Aggregator:
 
     @ray.method(num_returns=2)
     def aggregate(
-        self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef], clock: RoundClock | None = None,
-        staleness: list[int] | None = None, staleness_exponent: float = 0.5,
+        self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef[ClientUpdate]],
+        clock: RoundClock | None = None, staleness: list[int] | None = None, staleness_exponent: float = 0.5,
     ) -> tuple[np.ndarray, RoundSummary]:
         """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary.
 
@@ -210,8 +214,11 @@ class Aggregator:
     def _fold(self, update: ClientUpdate, rows: list[dict[str, Any]], p_bar: dict[int, list[np.ndarray]],
               rejected: list[str], comm: list[dict[str, Any]], duration: float, on_time: bool,
               stale: tuple[int, float] | None = None) -> None:
-        """Merge one update into the strategy, unless it is a straggler or the guard rejects it (then it is
-        only recorded). ``stale``: (staleness, discount) of an asynchronous update."""
+        """Merge one update into the strategy, unless it is a straggler or the guard rejects it.
+
+        A straggler or rejected update is only recorded. ``stale``: (staleness, discount) of an
+        asynchronous update.
+        """
         reason = rejection(update, self.layout, max_norm=self.max_update_norm)
         rows.append({**_client_row(update), "rejected": reason or "", "sim_duration_s": duration,
                      "straggler": not on_time, "staleness": -1 if stale is None else stale[0]})
@@ -236,8 +243,6 @@ class Aggregator:
         return {"strategy": self.strategy.state_dict(), "residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the strategy's state and the residuals from ``state_dict()``'s output (a checkpoint)."""
         self.strategy.load_state_dict(state["strategy"])
         self.residuals = dict(state["residuals"])
-
-    def pid(self) -> int:
-        return os.getpid()

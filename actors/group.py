@@ -29,11 +29,12 @@ class GroupContext:
 
 @ray.remote(num_cpus=0)
 def _free_address() -> tuple[str, int]:
-    """This node's address and a port free on it now, for the group's rendezvous (rank 0 listens there)."""
+    """The node's address and a port free on it now, for the group's rendezvous (rank 0 listens there)."""
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    # ray.util leaves get_node_ip_address unannotated (it returns the address as a str)
+    return ray.util.get_node_ip_address(), port  # type: ignore[no-untyped-call]
 
 
 def rendezvous(pg: PlacementGroup) -> tuple[str, int]:

@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.group import group_contexts
 from actors.worker import ClientWorker, Engine, drop_factory, store_factory
 from aggregation.errors import ConfigError
-from aggregation.messages import ClientInstructions
+from aggregation.messages import ClientInstructions, ClientUpdate
 
 
 def shard_by_work(work: Sequence[float], num_workers: int) -> list[list[int]]:
@@ -34,7 +34,7 @@ def shard_by_work(work: Sequence[float], num_workers: int) -> list[list[int]]:
 
     Deterministic (ties broken by worker index), so the same cohort always maps the same way.
     """
-    heap = [(0, w) for w in range(num_workers)]
+    heap: list[tuple[float, int]] = [(0, w) for w in range(num_workers)]  # (load, worker)
     shards: list[list[int]] = [[] for _ in range(num_workers)]
     for pos in sorted(range(len(work)), key=lambda i: (-work[i], i)):
         load, w = heapq.heappop(heap)
@@ -44,8 +44,10 @@ def shard_by_work(work: Sequence[float], num_workers: int) -> list[list[int]]:
 
 
 def round_robin(shards: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """(worker, position) pairs taking each shard's first position, then each one's second, ...;
-    every shard keeps its own order."""
+    """(worker, position) pairs taking each shard's first position, then each one's second, and so on.
+
+    Every shard keeps its own order.
+    """
     depth = max((len(s) for s in shards), default=0)
     return [(w, shard[k]) for k in range(depth) for w, shard in enumerate(shards) if k < len(shard)]
 
@@ -62,7 +64,8 @@ def resolve_num_workers(
     starts; None reads the running cluster's.
     """
     if nodes is None:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        # ray.nodes is unannotated: a list of dicts, one per node, with "Alive" and "Resources"
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
     cpus = sum(n.get("CPU", 0.0) for n in nodes) - reserve_cpus
     gpus = sum(n.get("GPU", 0.0) for n in nodes)
     if group_size is None:
@@ -89,7 +92,8 @@ def resolve_num_workers(
 
 def gpu_total_bytes(gpus_per_worker: float, timeout_s: float = 60.0) -> float | None:
     """Total memory of a GPU a worker would get, read by a task on a GPU node; None if the cluster has none."""
-    if ray.cluster_resources().get("GPU", 0.0) <= 0:
+    # ray.cluster_resources is unannotated: a dict of resource name to total quantity
+    if ray.cluster_resources().get("GPU", 0.0) <= 0:  # type: ignore[no-untyped-call]
         return None
 
     @ray.remote(num_cpus=0, num_gpus=min(1.0, gpus_per_worker))
@@ -159,7 +163,8 @@ class WorkerPool:
         self._factory_key = store_factory(engine_factory)
         if group_size is None:
             self.units = [
-                [self._worker(self._pgs[0], i, i, None, max_restarts, max_task_retries, cpus_per_worker, gpus_per_worker)]
+                [self._worker(self._pgs[0], i, i, None, max_restarts, max_task_retries, cpus_per_worker,
+                              gpus_per_worker)]
                 for i in range(num_workers)
             ]
         else:
@@ -174,14 +179,17 @@ class WorkerPool:
 
     def _worker(self, pg: Any, bundle: int, index: int, context: Any, max_restarts: int, max_task_retries: int,
                 cpus: float, gpus: float) -> Any:
-        return ClientWorker.options(
+        # @ray.remote makes ClientWorker an ActorClass, but ray's typing keeps the plain class, without options
+        return ClientWorker.options(  # type: ignore[attr-defined]
             num_cpus=cpus,
             num_gpus=gpus,
             # a dead worker process is restarted in its bundle and its client in flight retried;
             # finished updates are task returns owned by the driver, so they outlive the worker
             max_restarts=max_restarts,
             max_task_retries=max_task_retries,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=bundle
+            ),
         ).remote(self._factory_key, index, context)
 
     def __len__(self) -> int:
@@ -193,11 +201,11 @@ class WorkerPool:
 
     def submit(
         self,
-        payload_ref: ray.ObjectRef,
+        payload_ref: ray.ObjectRef[np.ndarray],
         instructions: Sequence[ClientInstructions],
         indices: Sequence[np.ndarray],
         work: Sequence[float],
-    ) -> list[ray.ObjectRef]:
+    ) -> list[ray.ObjectRef[ClientUpdate]]:
         """Queue each client on a worker, balancing ``work``; return the update refs in cohort order.
 
         Submitted round-robin over the shards (each worker's first client, then each one's
@@ -205,14 +213,14 @@ class WorkerPool:
         shard, the last of W workers waited for (W−1)/W of the cohort's submissions
         (~0.4 ms each) before its first client was sent.
         """
-        refs: list[ray.ObjectRef | None] = [None] * len(instructions)
+        refs: list[ray.ObjectRef[ClientUpdate] | None] = [None] * len(instructions)
         for w, pos in round_robin(shard_by_work(work, len(self.workers))):
             # every rank of a group gets the same clients in the same order
             unit_refs = [member.train.remote(indices[pos], payload_ref, instructions[pos]) for member in self.units[w]]
             refs[pos] = unit_refs[0]
         return [r for r in refs if r is not None]
 
-    def evaluate(self, payload_ref: ray.ObjectRef, chunks: Sequence[tuple[int, int]]) -> list[Any]:
+    def evaluate(self, payload_ref: ray.ObjectRef[np.ndarray], chunks: Sequence[tuple[int, int]]) -> list[Any]:
         """Evaluate fixed test chunks spread over the workers; results in chunk order."""
         n = len(self.units)
         parts = [list(chunks[w::n]) for w in range(n)]
@@ -227,13 +235,15 @@ class WorkerPool:
     def placement(self) -> list[dict[str, Any]]:
         """Where each worker runs: unit (worker or group), rank in it, node id and address, process id."""
         refs = [[m.where.remote() for m in unit] for unit in self.units]
-        return [{"unit": u, "rank": r, **info} for u, unit_refs in enumerate(refs) for r, info in enumerate(ray.get(unit_refs))]
+        return [{"unit": u, "rank": r, **info}
+                for u, unit_refs in enumerate(refs) for r, info in enumerate(ray.get(unit_refs))]
 
     def memory(self) -> list[dict[str, float]]:
         """Each worker's process id and peak resident memory (MiB), in ``placement`` order."""
         return ray.get([m.memory.remote() for unit in self.units for m in unit])
 
     def shutdown(self) -> None:
+        """Kill every worker, remove the placement groups and drop the engine factory from the key-value store."""
         for unit in self.units:
             for member in unit:
                 ray.kill(member)
@@ -242,7 +252,7 @@ class WorkerPool:
         drop_factory(self._factory_key)
 
 
-def count_finished(refs: Sequence[ray.ObjectRef], timeout_s: float = 0.0) -> int:
+def count_finished(refs: Sequence[ray.ObjectRef[Any]], timeout_s: float = 0.0) -> int:
     """How many of ``refs`` have finished, waiting at most ``timeout_s`` for all (nothing is fetched)."""
     if not refs:
         return 0

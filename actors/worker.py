@@ -32,9 +32,18 @@ class Engine(Protocol):
     layout: PayloadLayout
     initial_payload: np.ndarray
 
-    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate | None: ...
+    def train(
+        self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions
+    ) -> ClientUpdate | None:
+        """The update of client ``instructions.client_id`` trained on its rows ``indices`` from ``payload``.
 
-    def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[Any]: ...
+        None from ranks > 0 of a worker group (rank 0 returns the group's update).
+        """
+        ...
+
+    def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[Any]:
+        """One result per chunk, in order: ``payload`` evaluated on test rows [lo, hi) of each ``(lo, hi)``."""
+        ...
 
 
 FACTORY_NAMESPACE = "fedsim"
@@ -52,7 +61,8 @@ def store_factory(engine_factory: Callable[..., Engine]) -> str:
     Ray keeps for the restart, and the store holds the recipe until ``drop_factory``.
     """
     key = f"engine-factory-{uuid.uuid4().hex}"
-    internal_kv._internal_kv_put(key, cloudpickle.dumps(engine_factory), namespace=FACTORY_NAMESPACE)
+    # ray's vendored cloudpickle is unannotated (dumps returns bytes)
+    internal_kv._internal_kv_put(key, cloudpickle.dumps(engine_factory), namespace=FACTORY_NAMESPACE)  # type: ignore[no-untyped-call]
     return key
 
 
@@ -75,8 +85,10 @@ class ClientWorker:
     """Hosts one engine; trains clients sequentially, evaluates test chunks."""
 
     def __init__(self, factory_key: str, worker_index: int, group: GroupContext | None = None) -> None:
-        """Build the engine from the factory stored under ``factory_key`` (``store_factory``); Ray runs this again,
-        with the same arguments, when it restarts the worker."""
+        """Build the engine from the factory stored under ``factory_key`` (``store_factory``).
+
+        Ray runs this again, with the same arguments, when it restarts the worker.
+        """
         engine_factory = load_factory(factory_key)
         self.worker_index = worker_index
         self.engine = engine_factory() if group is None else engine_factory(group)
@@ -88,7 +100,7 @@ class ClientWorker:
     def train(
         self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions
     ) -> ClientUpdate | None:
-        """Train one client; its ``ClientUpdate`` goes back as this task's return value (None from ranks > 0 of a group).
+        """Train one client; its ``ClientUpdate`` is this task's return value (None from ranks > 0 of a group).
 
         Returned, not ``ray.put`` here: a task's return is owned by the caller
         and lives in the node's object store, so updates already finished
@@ -106,6 +118,7 @@ class ClientWorker:
             raise ClientFailure(instructions.client_id, instructions.round_idx, f"{type(exc).__name__}: {exc}") from exc
 
     def evaluate(self, payload: np.ndarray, chunks: list[tuple[int, int]]) -> list[Any]:
+        """The engine's per-chunk results for ``payload`` on test rows [lo, hi) of each chunk, in chunk order."""
         return self.engine.evaluate(payload, chunks)
 
     def memory(self) -> dict[str, float]:
@@ -115,4 +128,5 @@ class ClientWorker:
     def where(self) -> dict[str, Any]:
         """The node and process this worker runs in."""
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        # ray.util leaves get_node_ip_address unannotated (it returns the address as a str)
+        return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}  # type: ignore[no-untyped-call]

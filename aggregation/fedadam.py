@@ -39,14 +39,17 @@ class FedAdam(Strategy):
         self._v = np.zeros(layout.total, dtype=np.float64)
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        """Start the round with an empty n-weighted running sum of deltas."""
         super().begin(global_payload, round_idx=round_idx)
         self._mean = WeightedMeanAccumulator(self.layout.total)
 
     def add(self, reader: UpdateReader) -> None:
+        """Fold one update's whole delta into the n-weighted running sum."""
         u = self._checked(reader)
         self._mean.add(u.client_id, reader.read(0, self.layout.total), u.n_examples)
 
     def finish(self) -> RoundResult:
+        """One server Adam step with the n-weighted mean delta Δ̄ as pseudo-gradient; θ^{t−1} when nothing arrived."""
         if self._global is None:
             raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
         weights = self._mean.normalised_weights()
@@ -60,9 +63,11 @@ class FedAdam(Strategy):
         return RoundResult(new.astype(PAYLOAD_DTYPE), {"n_aggregated": float(len(weights))}, weights)
 
     def state_dict(self) -> dict[str, Any]:
+        """Copies of the moments m and v, float64 [layout.total] each, under "m" and "v"."""
         return {"m": self._m.copy(), "v": self._v.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore m and v from ``state_dict()``'s output; raise ValueError unless both are [layout.total]."""
         m, v = np.asarray(state["m"], dtype=np.float64), np.asarray(state["v"], dtype=np.float64)
         if m.shape != (self.layout.total,) or v.shape != (self.layout.total,):
             raise ValueError(f"FedAdam state has shapes {m.shape}, {v.shape}; layout expects ({self.layout.total},)")

@@ -150,8 +150,12 @@ class FedAlignMoE(Strategy):
     # -- instructions ---------------------------------------------------------------------------
 
     def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
-        """p_g^{t−1}, the client's α (1 for a client never seen), λ (0 until a p_g target exists)
-        and, under ``personalized``, the client's own experts once it has some."""
+        """p_g^{t−1}, the client's α and λ for its routing regulariser; its own experts under ``personalized``.
+
+        α is 1 for a client never seen, λ is 0 until a p_g target exists, and
+        a client gets its own experts once it has some. With ``gating = "off"``
+        only the experts are sent.
+        """
         own = self.personal.get(client_id) if self.personal is not None else None
         personal = None if own is None else own.copy()
         if self.options.gating == "off":
@@ -170,6 +174,7 @@ class FedAlignMoE(Strategy):
     # -- streaming aggregation ------------------------------------------------------------------
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        """Start the round with no reader kept and zero float64 sums of the shared entries."""
         super().begin(global_payload, round_idx=round_idx)
         self._readers: list[UpdateReader] = []
         self._ids: list[int] = []
@@ -269,7 +274,9 @@ class FedAlignMoE(Strategy):
         """Eq. 5 on every router entry of ``layer``: row e of an [E, ...] entry is expert e's."""
         for entry in self.layout.select(role="router", layer=layer):  # every one is [E, ...] (checked at init)
             lo, hi = entry.offset, entry.offset + entry.size
-            rows = np.concatenate([r.read(lo, hi) for r in self._readers]).reshape(len(self._readers), self.num_experts, -1)
+            rows = np.concatenate([r.read(lo, hi) for r in self._readers]).reshape(
+                len(self._readers), self.num_experts, -1
+            )
             merged = ra.merge_router_rows(new[lo:hi].reshape(self.num_experts, -1), rows, weights)
             new[lo:hi] = merged.reshape(-1).astype(PAYLOAD_DTYPE)
 
@@ -282,6 +289,7 @@ class FedAlignMoE(Strategy):
         merged = kept = excluded = counted_pairs = 0
         if self.personal is not None:
             block = self.personal.start
+            # called from finish, after its check that begin() set _global
             starts = [self.personal.start_of(cid, self._global) for cid in self._ids]  # type: ignore[arg-type]
             views = np.empty((len(n), self.personal.size), dtype=PAYLOAD_DTYPE)
         spans = [self.layout.expert_span(*key) for key in self.layout.expert_keys()]
@@ -331,8 +339,10 @@ class FedAlignMoE(Strategy):
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """p_g, α per client id, whether a p_g target exists (plain lists) and, under
-        ``personalized``, each client's experts (arrays)."""
+        """p_g, α per client id and whether a p_g target exists; each client's experts under ``personalized``.
+
+        p_g and α are plain lists; the experts are arrays (``PersonalExperts.state_dict``).
+        """
         state: dict[str, Any] = {
             "p_g": self._p_g.tolist(),
             "alpha": {int(cid): a.tolist() for cid, a in sorted(self._alpha.items())},

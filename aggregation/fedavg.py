@@ -18,14 +18,17 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        """Start the round with an empty n-weighted running sum of deltas."""
         super().begin(global_payload, round_idx=round_idx)
         self._mean = WeightedMeanAccumulator(self.layout.total)
 
     def add(self, reader: UpdateReader) -> None:
+        """Fold one update's whole delta into the n-weighted running sum."""
         u = self._checked(reader)
         self._mean.add(u.client_id, reader.read(0, self.layout.total), u.n_examples)
 
     def finish(self) -> RoundResult:
+        """θ^{t−1} plus the n-weighted mean delta; client weights n_i / Σ_j n_j (θ^{t−1} when nothing arrived)."""
         if self._global is None:
             raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
         weights = self._mean.normalised_weights()

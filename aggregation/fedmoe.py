@@ -44,12 +44,16 @@ class _Block:
 
 
 def _blocks(layout: PayloadLayout) -> list[_Block]:
-    """Few large blocks: the shared entries are one span, and a layer's experts one [E, |θ(e)|] block
-    when their spans are equal and adjacent (as the canonical layout places them)."""
+    """Few large blocks: the shared entries are one span, each router entry one block.
+
+    A layer's experts are one [E, |θ(e)|] block when their spans are equal and
+    adjacent (as the canonical layout places them), else one block each.
+    """
     blocks: list[_Block] = []
     shared = layout.select(role="shared")
     if shared:
         blocks.append(_Block(shared[0].offset, shared[-1].offset + shared[-1].size, "shared"))
+    # int(e.layer): a router entry always has a layer (PayloadLayout.build raises otherwise); the field admits None
     blocks += [_Block(e.offset, e.offset + e.size, "router", int(e.layer)) for e in layout.select(role="router")]  # type: ignore[arg-type]
     by_layer: dict[int, list[tuple[int, int, int]]] = {}
     for layer, expert in layout.expert_keys():
@@ -87,6 +91,7 @@ class FedMoE(Strategy):
         self._blocks = _blocks(layout)
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        """Start the round with zero weighted sums and zero usage counts Σ_i c_i(l, e)."""
         super().begin(global_payload, round_idx=round_idx)
         self._sum = np.zeros(self.layout.total, dtype=np.float64)
         self._n: dict[int, float] = {}
@@ -105,7 +110,9 @@ class FedMoE(Strategy):
             )
         for layer, st in enumerate(u.routing):
             if st.num_experts != num_experts:
-                raise LayoutMismatch(f"{where}: routing layer {layer} has {st.num_experts} experts, layout has {num_experts}")
+                raise LayoutMismatch(
+                    f"{where}: routing layer {layer} has {st.num_experts} experts, layout has {num_experts}"
+                )
         if not num_layers:
             return np.zeros(self._shape)
         return np.stack([np.asarray(st.counts, dtype=np.float64) for st in u.routing])
@@ -115,17 +122,20 @@ class FedMoE(Strategy):
         if block.kind == "expert":
             return counts[block.layer, list(block.experts)]
         if block.kind == "router" and self.router_weighting == "usage":
-            return counts[block.layer]
+            layer_counts: np.ndarray = counts[block.layer]  # an integer index gives Any in numpy's stubs
+            return layer_counts
         return n
 
     def add(self, reader: UpdateReader) -> None:
+        """Fold each block of one update into the running sums, weighted by its usage counts c_i(l, e) or n_i."""
         u = self._checked(reader)
         if u.client_id in self._n:
             raise ValueError(f"client {u.client_id}: update added twice in one round")
         counts = self._usage_counts(reader)
         n = float(u.n_examples)
         for block in self._blocks:
-            accumulate(self._sum[block.start : block.stop], reader.read(block.start, block.stop), self._weights(block, counts, n))
+            accumulate(self._sum[block.start : block.stop], reader.read(block.start, block.stop),
+                       self._weights(block, counts, n))
         self._usage += counts
         self._n[u.client_id] = n
         self._counts[u.client_id] = counts

@@ -29,17 +29,21 @@ class FedProx(Strategy):
         self.mu = mu
 
     def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
+        """Plain local-training instructions plus ``prox_mu`` = μ, the weight of the client's proximal term."""
         return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, prox_mu=self.mu)
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        """Start the round with an empty n-weighted running sum of deltas."""
         super().begin(global_payload, round_idx=round_idx)
         self._mean = WeightedMeanAccumulator(self.layout.total)
 
     def add(self, reader: UpdateReader) -> None:
+        """Fold one update's whole delta into the n-weighted running sum."""
         u = self._checked(reader)
         self._mean.add(u.client_id, reader.read(0, self.layout.total), u.n_examples)
 
     def finish(self) -> RoundResult:
+        """The FedAvg step: θ^{t−1} plus the n-weighted mean delta; client weights n_i / Σ_j n_j."""
         if self._global is None:
             raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
         weights = self._mean.normalised_weights()

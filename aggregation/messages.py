@@ -71,7 +71,10 @@ class ClientUpdate:
 
     Attributes
     ----------
-    client_id, round_idx, n_examples : int
+    client_id, round_idx : int
+    n_examples : float
+        Training examples, the update's FedAvg weight; fractional once an
+        asynchronous update's staleness discount is applied.
     delta : ndarray [layout.total] float32
         θ_i − θ_g over the flat trainable payload.
     routing : tuple of RoutingStats
@@ -90,7 +93,7 @@ class ClientUpdate:
 
     client_id: int
     round_idx: int
-    n_examples: int
+    n_examples: float
     delta: np.ndarray
     routing: tuple[RoutingStats, ...]
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)

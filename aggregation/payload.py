@@ -106,7 +106,10 @@ class PayloadLayout:
             if s.role == "expert" and s.expert is None:
                 raise LayoutMismatch(f"{s.param}: role expert needs an expert index")
             size = int(np.prod(s.shape)) if s.shape else 1
-            entries.append(LayoutEntry(s.param, s.role, s.layer, s.expert, tuple(s.shape), offset, size, s.axis, s.start, s.stop))
+            entries.append(
+                LayoutEntry(s.param, s.role, s.layer, s.expert, tuple(s.shape), offset, size, s.axis, s.start, s.stop)
+            )
+            # s.layer (and an expert's s.expert) are ints here: the checks above raised for None
             if s.role == "expert":
                 k = (int(s.layer), int(s.expert))  # type: ignore[arg-type]
                 lo, _ = expert_spans.get(k, (offset, offset))
@@ -128,6 +131,7 @@ class PayloadLayout:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of one flat payload: ``total`` values of ``PAYLOAD_DTYPE``."""
         return self.total * np.dtype(PAYLOAD_DTYPE).itemsize
 
     @property
@@ -136,7 +140,9 @@ class PayloadLayout:
         layers = {k[0] for k in self._expert_spans} | set(self._router_spans)
         return len(layers)
 
-    def select(self, role: Role | None = None, layer: int | None = None, expert: int | None = None) -> list[LayoutEntry]:
+    def select(
+        self, role: Role | None = None, layer: int | None = None, expert: int | None = None
+    ) -> list[LayoutEntry]:
         """Entries matching every given criterion."""
         return [
             e
@@ -162,15 +168,20 @@ class PayloadLayout:
         return min(a for a, _ in self._expert_spans.values()), self.total
 
     def router_layers(self) -> list[int]:
+        """MoE layers that have router entries, in buffer order."""
         return list(self._router_spans)
 
     def router_span(self, layer: int) -> tuple[int, int]:
+        """[start, stop) of MoE layer ``layer``'s router entries in the flat buffer."""
         return self._router_spans[layer]
 
     def class_spans(self) -> dict[str, tuple[int, int]]:
-        """[start, stop) per payload class at the finest grain: "shared" (one block: shared entries come
-        first), "router/L<l>", "expert/L<l>/E<e>". The keys of the communication profile and of the
-        per-slice codecs (see ``payload_class``)."""
+        """[start, stop) per payload class at the finest grain.
+
+        Keys "shared" (one block: shared entries come first), "router/L<l>",
+        "expert/L<l>/E<e>": the keys of the communication profile and of the
+        per-slice codecs (see ``payload_class``).
+        """
         spans: dict[str, tuple[int, int]] = {}
         shared = self.select(role="shared")
         if shared:
@@ -184,15 +195,8 @@ class PayloadLayout:
         itemsize = np.dtype(PAYLOAD_DTYPE).itemsize
         return {key: (b - a) * itemsize for key, (a, b) in self.class_spans().items()}
 
-    def role_bytes(self) -> dict[str, int]:
-        """Bytes per payload class ("shared", "router", "expert")."""
-        itemsize = np.dtype(PAYLOAD_DTYPE).itemsize
-        out: dict[str, int] = {}
-        for e in self.entries:
-            out[e.role] = out.get(e.role, 0) + e.size * itemsize
-        return out
-
     def zeros(self) -> np.ndarray:
+        """An all-zero flat payload of this layout: [total] of ``PAYLOAD_DTYPE``."""
         return np.zeros(self.total, dtype=PAYLOAD_DTYPE)
 
     def check(self, buffer: np.ndarray, *, what: str) -> None:

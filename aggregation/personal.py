@@ -26,6 +26,7 @@ class PersonalExperts:
 
     @property
     def size(self) -> int:
+        """Values in one client's expert block, ``stop - start``."""
         return self.stop - self.start
 
     def __contains__(self, client_id: int) -> bool:
@@ -36,6 +37,7 @@ class PersonalExperts:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by all stored expert blocks together."""
         return sum(v.nbytes for v in self._values.values())
 
     def get(self, client_id: int) -> np.ndarray | None:
@@ -53,11 +55,13 @@ class PersonalExperts:
         return own if own is not None else global_payload[self.start : self.stop]
 
     def put(self, client_id: int, values: np.ndarray) -> None:
+        """Store a float32 copy of the client's expert block; raise ValueError unless it has shape (size,)."""
         if values.shape != (self.size,):
             raise ValueError(f"client {client_id}: personal experts have shape {values.shape}, expected ({self.size},)")
         self._values[client_id] = np.array(values, dtype=PAYLOAD_DTYPE)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[int, np.ndarray]:
+        """A copy of every stored expert block, keyed by client id in ascending order."""
         return {int(cid): v.copy() for cid, v in sorted(self._values.items())}
 
     def load_state_dict(self, state: dict[Any, Any]) -> None:

@@ -45,18 +45,21 @@ class PFLMoE(Strategy):
         )
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
+        """Start the round with a zero float64 sum over the payload and no client seen."""
         super().begin(global_payload, round_idx=round_idx)
         self._sum = np.zeros(self.layout.total, dtype=np.float64)  # Σ n_i Δ_i before the expert block, Σ n_i θ_i in it
         self._n: dict[int, float] = {}
         self._trained: dict[int, np.ndarray] = {}
 
     def add(self, reader: UpdateReader) -> None:
+        """Add n_i·Δ_i before the expert block and n_i·θ_i(e) in it; hold θ_i(e) to store at ``finish``."""
         u = self._checked(reader)
         if u.client_id in self._n:
             raise ValueError(f"client {u.client_id}: update added twice in one round")
         a, b = self.personal.start, self.personal.stop
         n = float(u.n_examples)
         accumulate(self._sum[:a], reader.read(0, a), n)
+        # _checked raised unless begin() set _global, so it is an array here
         start = self.personal.start_of(u.client_id, self._global)  # type: ignore[arg-type]
         theta = start.astype(np.float64) + reader.read(a, b)
         accumulate(self._sum[a:b], theta, n)
@@ -64,6 +67,7 @@ class PFLMoE(Strategy):
         self._n[u.client_id] = n
 
     def finish(self) -> RoundResult:
+        """FedAvg before the expert block, global experts per ``global_experts``; store each client's experts."""
         if self._global is None:
             raise RuntimeError("finish() called before begin(); call begin(global_payload, round_idx=...) first")
         total = sum(self._n.values())
@@ -85,9 +89,11 @@ class PFLMoE(Strategy):
         return RoundResult(new.astype(PAYLOAD_DTYPE), report, {cid: n / total for cid, n in self._n.items()})
 
     def state_dict(self) -> dict[str, Any]:
+        """Every client's personal experts (``PersonalExperts.state_dict``) under "personal"."""
         return {"personal": self.personal.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; raise ValueError unless its only key is "personal"."""
         if set(state) != {"personal"}:
             raise ValueError(f"PFLMoE state must have the key 'personal', got {sorted(state)}")
         self.personal.load_state_dict(state["personal"])

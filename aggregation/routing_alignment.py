@@ -48,7 +48,8 @@ def overlap(p_bar: np.ndarray, p_g: np.ndarray) -> np.ndarray:
     joint = np.asarray(p_bar, dtype=np.float64) * np.asarray(p_g, dtype=np.float64)[None, :]
     total = joint.sum(axis=1, keepdims=True)
     # (1) o_i(e) = p̄_i(e)·p_g(e) / Σ_e' p̄_i(e')·p_g(e')
-    return np.divide(joint, total, out=np.zeros_like(joint), where=total > 0)
+    o: np.ndarray = np.divide(joint, total, out=np.zeros_like(joint), where=total > 0)
+    return o
 
 
 def consistency_scores(o: np.ndarray, margin: np.ndarray, mode: ScoreMode = "om") -> np.ndarray:
@@ -84,7 +85,8 @@ def consistency_scores(o: np.ndarray, margin: np.ndarray, mode: ScoreMode = "om"
         s = np.ones_like(o)  # (2, ablation) s_i(e) = 1
     else:
         raise ValueError(f"score mode must be one of {SCORE_MODES}, got {mode!r}")
-    return np.maximum(s, 0.0)
+    clipped: np.ndarray = np.maximum(s, 0.0)
+    return clipped
 
 
 def example_weights(n: np.ndarray, num_experts: int) -> np.ndarray:
@@ -132,7 +134,8 @@ def global_routing(omega: np.ndarray, p_bar: np.ndarray, *, previous: np.ndarray
     total = p.sum()
     if not total > 0:
         return np.array(previous, dtype=np.float64, copy=True)
-    return p / total
+    p_g: np.ndarray = p / total
+    return p_g
 
 
 def merge_router_rows(base: np.ndarray, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -156,7 +159,10 @@ def merge_router_rows(base: np.ndarray, deltas: np.ndarray, weights: np.ndarray)
     """
     w = np.asarray(weights, dtype=np.float64)
     # (5) W_g^t[e,:] = Σ_i ω_i(e)·W_{g,i}^t[e,:]
-    return np.asarray(base, dtype=np.float64) + np.einsum("ne,ner->er", w, np.asarray(deltas, dtype=np.float64))
+    merged: np.ndarray = np.asarray(base, dtype=np.float64) + np.einsum(
+        "ne,ner->er", w, np.asarray(deltas, dtype=np.float64)
+    )
+    return merged
 
 
 def adaptive_alpha(s: np.ndarray) -> np.ndarray:
@@ -173,7 +179,8 @@ def adaptive_alpha(s: np.ndarray) -> np.ndarray:
     peak = s.max(axis=1, keepdims=True)
     # (6) α_i(e) = s_i(e) / max_e' s_i(e')
     alpha = np.divide(s, peak, out=np.ones_like(s), where=peak > 0)
-    return np.clip(alpha, 0.0, 1.0)
+    clipped: np.ndarray = np.clip(alpha, 0.0, 1.0)
+    return clipped
 
 
 def weight_entropy(weights: np.ndarray) -> float:

@@ -29,8 +29,8 @@ class RoutingStats:
 
     Attributes
     ----------
-    n_tokens : int
-        Number of tokens counted.
+    n_tokens : int or float
+        Number of tokens counted (fractional once ``scaled`` by a staleness discount).
     p_sum : ndarray [E]
         Σ_x p_e(x), the summed router probabilities.
     counts : ndarray [E]
@@ -41,7 +41,7 @@ class RoutingStats:
         Σ over routed x of the hidden state x entering the MoE block.
     """
 
-    n_tokens: int | np.ndarray
+    n_tokens: float | np.ndarray
     p_sum: np.ndarray
     counts: np.ndarray
     margin_sum: np.ndarray
@@ -72,7 +72,9 @@ class RoutingStats:
             arrays = [np.asarray(getattr(st, f.name)) for st in stats]
             shape = arrays[0].shape
             if any(a.shape != shape for a in arrays):
-                raise ValueError(f"cannot stack RoutingStats whose {f.name} shapes differ: {sorted({a.shape for a in arrays})}")
+                raise ValueError(
+                    f"cannot stack RoutingStats whose {f.name} shapes differ: {sorted({a.shape for a in arrays})}"
+                )
             columns.append(np.array(arrays) if not shape else np.concatenate(arrays).reshape(len(arrays), *shape))
         return cls(*columns)
 
@@ -89,6 +91,7 @@ class RoutingStats:
 
     @property
     def num_experts(self) -> int:
+        """E, the layer's number of experts (the last axis of ``p_sum``)."""
         return int(self.p_sum.shape[-1])
 
     @property
@@ -99,17 +102,21 @@ class RoutingStats:
     @property
     def margin(self) -> np.ndarray:
         """Spec stat 3: m(e), mean routing margin over routed tokens, 0 where unused [E]."""
-        return self.margin_sum / np.maximum(self.counts, _TINY)  # an unused expert's sum is 0: 0 / tiny = 0
+        # an unused expert's sum is 0: 0 / tiny = 0
+        margin: np.ndarray = self.margin_sum / np.maximum(self.counts, _TINY)
+        return margin
 
     @property
     def mu(self) -> np.ndarray:
         """Spec stat 4: μ(e), the semantic signature, mean routed hidden state [E, d]."""
-        return self.x_sum / np.maximum(self.counts, _TINY)[..., None]
+        mu: np.ndarray = self.x_sum / np.maximum(self.counts, _TINY)[..., None]
+        return mu
 
     @property
     def nbytes(self) -> int:
         """Bytes these statistics take on the wire."""
-        return 8 + sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "n_tokens")
+        arrays: int = sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "n_tokens")
+        return 8 + arrays
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:

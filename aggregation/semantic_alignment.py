@@ -24,12 +24,13 @@ Gate = Literal["hard", "soft"]
 
 
 def _cosine_from_gram(gram: np.ndarray) -> np.ndarray:
-    """cos between the vectors whose Gram matrix is ``gram``; 0 where a vector is zero."""
+    """Cosines between the vectors whose Gram matrix is ``gram``; 0 where a vector is zero."""
     g = np.asarray(gram, dtype=np.float64)
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     denom = norms[:, None] * norms[None, :]
     cos = np.divide(g, denom, out=np.zeros_like(g), where=denom > 0)
-    return np.clip(cos, -1.0, 1.0)
+    clipped: np.ndarray = np.clip(cos, -1.0, 1.0)
+    return clipped
 
 
 def signature_similarity(mu: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +70,8 @@ def slice_gram(deltas: np.ndarray) -> np.ndarray:
     of eq. 8 it feeds move by ~1e-6) and is returned as float64.
     """
     x = np.asarray(deltas)
-    return (x @ x.T).astype(np.float64)
+    gram: np.ndarray = (x @ x.T).astype(np.float64)
+    return gram
 
 
 def direction_consensus(gram: np.ndarray) -> np.ndarray:
@@ -184,7 +186,8 @@ def merge_expert(base: np.ndarray, deltas: np.ndarray, pi: np.ndarray) -> np.nda
         return b.copy()  # (12) every π_i(e) = 0: expert e keeps θ_g^{t−1}(e)
     # (12) θ_g^t(e) = θ_g^{t−1}(e) + Σ_i π_i(e)·Δ_i(e)
     d = np.asarray(deltas)
-    return b + p.astype(d.dtype) @ d
+    merged: np.ndarray = b + p.astype(d.dtype) @ d
+    return merged
 
 
 def personalized_view(gamma: np.ndarray, thetas: np.ndarray) -> np.ndarray:
@@ -204,4 +207,5 @@ def personalized_view(gamma: np.ndarray, thetas: np.ndarray) -> np.ndarray:
     """
     g = np.asarray(gamma, dtype=np.float64)
     # (12, personalized) θ_i(e) ← Σ_j γ_ij(e)·θ_j(e) / Σ_j γ_ij(e)
-    return (g @ np.asarray(thetas, dtype=np.float64)) / g.sum(axis=1, keepdims=True)
+    views: np.ndarray = (g @ np.asarray(thetas, dtype=np.float64)) / g.sum(axis=1, keepdims=True)
+    return views

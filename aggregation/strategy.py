@@ -24,7 +24,9 @@ class UpdateReader(Protocol):
     """Access to one client update: cheap fields at once, tensor slices on demand."""
 
     @property
-    def update(self) -> ClientUpdate: ...
+    def update(self) -> ClientUpdate:
+        """The update's small fields, read at once; its delta is read in slices through ``read``."""
+        ...
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Values ``[start, stop)`` of the update's flat delta (a view where possible)."""
@@ -38,6 +40,7 @@ class ArrayReader:
     update: ClientUpdate
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Values ``[start, stop)`` of ``update.delta``, a view of the array (never a copy)."""
         return self.update.delta[start:stop]
 
 
@@ -81,7 +84,9 @@ class Strategy(ABC):
         u = reader.update
         self.layout.check(u.delta, what=f"client {u.client_id} round {u.round_idx} delta")
         if u.round_idx != self._round:
-            raise LayoutMismatch(f"client {u.client_id}: update is for round {u.round_idx}, aggregating round {self._round}")
+            raise LayoutMismatch(
+                f"client {u.client_id}: update is for round {u.round_idx}, aggregating round {self._round}"
+            )
         if u.n_examples <= 0:
             raise LayoutMismatch(f"client {u.client_id} round {u.round_idx}: n_examples={u.n_examples}, must be > 0")
         return u
@@ -99,5 +104,6 @@ class Strategy(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; a stateless strategy accepts only {} and raises ValueError otherwise."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")

@@ -70,8 +70,11 @@ def rejection(update: ClientUpdate, layout: PayloadLayout, *, max_norm: float | 
 
 
 def expected_routing(layout: PayloadLayout) -> RoutingShape | None:
-    """(E, d or None) per MoE layer, from the layout's router entries (else its expert indices); None when
-    the layout has no MoE layer. O(L·log(entries)): routers are one run of entries, found by offset."""
+    """(E, d or None) per MoE layer, from the layout's router entries (else its expert indices).
+
+    None when the layout has no MoE layer. O(L·log(entries)): routers are one
+    run of entries, found by offset.
+    """
     experts: dict[int, int] = {}
     for layer, e in layout.expert_keys():
         experts[layer] = max(experts.get(layer, 0), e + 1)

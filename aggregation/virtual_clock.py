@@ -64,7 +64,9 @@ class RoundTiming:
     round_seconds: float
 
 
-def select(durations: Mapping[int, float], policy: Policy, *, deadline_s: float = math.inf, keep: int = 0) -> RoundTiming:
+def select(
+    durations: Mapping[int, float], policy: Policy, *, deadline_s: float = math.inf, keep: int = 0
+) -> RoundTiming:
     """Apply a round policy to the clients' simulated durations (ties broken by client id)."""
     if policy == "wait_all":
         kept = frozenset(durations)
@@ -143,6 +145,13 @@ class RoundClock:
     seconds_per_example: float | None = None
     epochs: int = 1
 
-    def duration(self, client_id: int, n_examples: int, compute_seconds: float, bytes_down: int, bytes_up: int) -> float:
-        compute = compute_seconds if self.seconds_per_example is None else self.seconds_per_example * n_examples * self.epochs
+    def duration(
+        self, client_id: int, n_examples: float, compute_seconds: float, bytes_down: int, bytes_up: int
+    ) -> float:
+        """Simulated seconds of client ``client_id``'s round on its device profile (``DeviceProfile()`` if none).
+
+        Compute is ``compute_seconds``, or ``seconds_per_example × n_examples × epochs`` when that is set.
+        """
+        compute = (compute_seconds if self.seconds_per_example is None
+                   else self.seconds_per_example * n_examples * self.epochs)
         return self.profiles.get(client_id, DeviceProfile()).duration(compute, bytes_down, bytes_up)

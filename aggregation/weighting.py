@@ -48,18 +48,20 @@ class WeightedMeanAccumulator:
         self.weights: dict[int, float] = {}
 
     def add(self, client_id: int, delta: np.ndarray, weight: float) -> None:
+        """Add weight·delta to the sum; raise ValueError for a client already added this round."""
         if client_id in self.weights:
             raise ValueError(f"client {client_id}: update added twice in one round")
         accumulate(self._sum, delta, weight)
         self.weights[client_id] = float(weight)
 
     def apply(self, base: np.ndarray) -> np.ndarray:
-        """base + Σ w_i Δ_i / Σ w_i as float32; ``base`` itself when no weight arrived."""
+        """``base`` + Σ w_i Δ_i / Σ w_i as float32; ``base`` itself when no weight arrived."""
         total = sum(self.weights.values())
         if total == 0:
             return base.copy()
         return (base.astype(np.float64) + self._sum / total).astype(PAYLOAD_DTYPE)
 
     def normalised_weights(self) -> dict[int, float]:
+        """w_i / Σ_j w_j per client id; {} when the weights sum to 0 (none arrived)."""
         total = sum(self.weights.values())
         return {cid: w / total for cid, w in self.weights.items()} if total else {}

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -104,8 +105,9 @@ PAIRWISE_TERMS = ("signature_similarity", "slice_gram", "direction_consensus", "
 
 @contextlib.contextmanager
 def timing_pairwise() -> Iterator[list[float]]:
-    """Time the O(N²) terms inside real rounds: while the block runs, each function of
-    ``PAIRWISE_TERMS`` is wrapped by a timer; the yielded one-element list holds their seconds.
+    """The seconds spent in the O(N²) terms inside real rounds, in the yielded one-element list.
+
+    While the block runs, each function of ``PAIRWISE_TERMS`` is wrapped by a timer.
 
     Timing them in the round itself, not on separately stacked slices in a second run,
     keeps the round minus its pairwise part (the streaming part) from being the
@@ -180,7 +182,7 @@ def throughput_table(layout: PayloadLayout, hidden: int, sizes: list[int], repea
         merged_gb = n * layout.nbytes / 1e9
         for name, make in STRATEGIES.items():
             copies: list[float] = []
-            t = median_round(repeats, lambda: make(layout), base, updates, copies)
+            t = median_round(repeats, functools.partial(make, layout), base, updates, copies)
             copy_s = float(np.median(copies))
             rows.append({"strategy": name, "clients": n, "update_mib": layout.nbytes / 2**20, **t,
                          "round_gb_s": merged_gb / t["round_s"], "merge_gb_s": merged_gb / t["streaming_s"],
@@ -222,8 +224,11 @@ def must_hold_mib(name: str, layout: PayloadLayout, update: ClientUpdate, n: int
 
 
 def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.DataFrame:
-    """A fresh Ray per cohort size, configured as the driver would for such a round
-    (``embedded_system_config``), and a fresh Aggregator actor per strategy, so its peak RSS is that round's."""
+    """The Aggregator actor's memory per strategy and cohort size, against what it must hold (table 3).
+
+    A fresh Ray per cohort size, configured as the driver would for such a round
+    (``embedded_system_config``), and a fresh Aggregator actor per strategy, so its peak RSS is that round's.
+    """
     sample = synthetic_update(layout, hidden, 0)
     rows = []
     for n in sizes:
@@ -251,7 +256,9 @@ def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.Dat
     first_uss = table.groupby("strategy")["uss_mib"].transform("first")
     first_hold = table.groupby("strategy")["must_hold_mib"].transform("first")
     # growth of private memory from the smallest cohort, beyond the growth of what must be held, relative
-    table["growth_beyond_must_hold"] = (table["uss_mib"] - first_uss - (table["must_hold_mib"] - first_hold)) / first_uss
+    table["growth_beyond_must_hold"] = (
+        table["uss_mib"] - first_uss - (table["must_hold_mib"] - first_hold)
+    ) / first_uss
     return table
 
 

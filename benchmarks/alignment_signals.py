@@ -97,7 +97,9 @@ def alignment_signals(updates: list[ClientUpdate], layout: PayloadLayout, *, bet
     }
 
 
-def round_updates(config: str, alpha: float, overrides: list[str], checkpoint: str | None) -> tuple[list[ClientUpdate], PayloadLayout]:
+def round_updates(
+    config: str, alpha: float, overrides: list[str], checkpoint: str | None
+) -> tuple[list[ClientUpdate], PayloadLayout]:
     """Every client of the run trained in this process from the initial (or a checkpoint's) global payload."""
     cfg = load_config(config, [f"data.alpha={alpha}", "progress=false", "train.routing_stats=after", *overrides])
     prepared = prepare(cfg)
@@ -109,7 +111,8 @@ def round_updates(config: str, alpha: float, overrides: list[str], checkpoint: s
         payload, round_idx = saved.payload, saved.round_idx + 1
     updates = []
     for client in range(cfg.data.num_clients):
-        instructions = ClientInstructions(client_id=client, round_idx=round_idx, seed=client_seed(cfg.seed, round_idx, client))
+        instructions = ClientInstructions(client_id=client, round_idx=round_idx,
+                                          seed=client_seed(cfg.seed, round_idx, client))
         update = engine.train(prepared.partitions[client], payload, instructions)
         if update is not None:
             updates.append(update)

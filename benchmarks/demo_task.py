@@ -40,7 +40,8 @@ def central_accuracy(config: str, epochs: int, overrides: list[str]) -> list[flo
     prepared = prepare(cfg)
     engine = TorchEngineSpec(
         base_path=prepared.base_path, train_path=prepared.train_path, test_path=prepared.test_path,
-        label_token_ids=prepared.label_token_ids, lora=cfg.lora, train=cfg.train.model_copy(update={"routing_stats": "off"}),
+        label_token_ids=prepared.label_token_ids, lora=cfg.lora,
+        train=cfg.train.model_copy(update={"routing_stats": "off"}),
         threads=os.cpu_count() or 1, lora_seed=cfg.seed,
     )()
     payload = engine.initial_payload

@@ -62,8 +62,10 @@ def client_seconds(cfg, clients: list[int], repeats: int) -> tuple[float, float]
         updates = [ray.get(train(cid, rep)) for rep in range(repeats) for cid in clients]
     finally:
         pool.shutdown()
-    alltoall = [u.metrics["alltoall_seconds"][0] / u.compute_seconds for u in updates if "alltoall_seconds" in u.metrics]
-    return float(np.median([u.compute_seconds for u in updates])), float(np.mean(alltoall)) if alltoall else float("nan")
+    alltoall = [u.metrics["alltoall_seconds"][0] / u.compute_seconds
+                for u in updates if "alltoall_seconds" in u.metrics]
+    return (float(np.median([u.compute_seconds for u in updates])),
+            float(np.mean(alltoall)) if alltoall else float("nan"))
 
 
 def main() -> None:
@@ -82,7 +84,8 @@ def main() -> None:
         for shape in shapes:
             config, overrides = SHAPES[shape]
             base = [*overrides, "progress=false", "model.pretrain.steps=0", "workers.num_workers=1",
-                    f"train.local_steps={args.local_steps}", "train.routing_stats=during", f"cache_dir={work / 'cache'}"]
+                    f"train.local_steps={args.local_steps}", "train.routing_stats=during",
+                    f"cache_dir={work / 'cache'}"]
             for name, setting in SETTINGS:
                 seconds, _ = client_seconds(load_config(config, [*base, *setting]), clients, repeats)
                 share = float("nan")

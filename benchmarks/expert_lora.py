@@ -187,8 +187,11 @@ def _mm(rows: int, k: int, n: int, *, input_grad: bool, weight_grad: bool) -> in
 
 @dataclass(frozen=True)
 class StepFlops:
-    """A training step's arithmetic: its matmuls with weights (projections, routers, experts, the output layer) and
-    attention's two products (QKᵀ, PV), forward and backward."""
+    """A training step's arithmetic in FLOPs, forward and backward, by kind of matmul.
+
+    ``weights``: its matmuls with weights (projections, routers, experts, the output layer); ``attention``:
+    attention's two products (QKᵀ, PV).
+    """
 
     weights: int
     attention: int
@@ -199,8 +202,11 @@ class StepFlops:
 
 
 def step_flops(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> StepFlops:
-    """FLOPs of one training step on the rows it must compute (see the module docstring), counted by hooks on one
-    forward with gradients enabled (so each input's need of a gradient is what the step sees)."""
+    """FLOPs of one training step on the rows it must compute (see the module docstring).
+
+    Counted by hooks on one forward with gradients enabled (so each input's need of a gradient is what the step
+    sees).
+    """
     spec = family_of(model)
     config = model.config
     total = 0
@@ -267,7 +273,7 @@ def step_flops(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Ste
 
 
 def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
-    """This process's fp32 matmul rate in FLOP/s, best of ``repeats`` [size, size] products."""
+    """The current process's fp32 matmul rate in FLOP/s, best of ``repeats`` [size, size] products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
@@ -405,8 +411,11 @@ def _measure_tokens(
 
 
 def _child(models: dict[str, ModelShape], name: str, path: str, limit_gib: float) -> list[dict[str, Any]]:
-    """``measure`` in a fresh one-thread process under an address-space limit, so each model's memory is its own,
-    freed after, and a path that needs more than the machine has fails alone (the rows before it are kept)."""
+    """``measure``'s rows for one model and path, run in a fresh one-thread process under an address-space limit.
+
+    Each model's memory is then its own, freed after, and a path that needs more than the machine has fails alone
+    (the rows before it are kept).
+    """
     cmd = [sys.executable, __file__, "--child", name, path, "--memory-limit-gib", str(limit_gib),
            *(["--quick"] if models is QUICK else [])]
     root = Path(__file__).resolve().parents[1]

@@ -127,8 +127,11 @@ def summarise(curves: pd.DataFrame) -> pd.DataFrame:
 
 
 def _paired_with_fedavg(per_run: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds of (setting − FedAvg of the same seed and α): a seed's split and client draws are shared
-    by every setting, so the paired difference is steadier than the difference of two means."""
+    """Mean over seeds of (setting − FedAvg of the same seed and α), per α and setting.
+
+    A seed's split and client draws are shared by every setting, so the paired difference is steadier than the
+    difference of two means.
+    """
     fedavg = per_run[per_run["setting"] == "fedavg"][["alpha", "seed", "final", "early"]]
     paired = per_run.merge(fedavg, on=["alpha", "seed"], suffixes=("", "_fedavg"))
     paired["final_vs_fedavg"] = paired["final"] - paired["final_fedavg"]
@@ -144,7 +147,8 @@ def plot(curves: pd.DataFrame, alpha: float, path: Path) -> None:
     tab20 = plt.get_cmap("tab20").colors
     colours = tab20[0::2] + tab20[1::2]  # one fixed colour per setting in every α's plot; past ten, light and dashed
     for setting in [s for s in SETTINGS if s in set(curves.loc[curves["alpha"] == alpha, "setting"])]:  # run at this α
-        per_round = curves[(curves["alpha"] == alpha) & (curves["setting"] == setting)].groupby("round")["test_accuracy"]
+        per_round = (curves[(curves["alpha"] == alpha) & (curves["setting"] == setting)]
+                     .groupby("round")["test_accuracy"])
         mean, std = per_round.mean(), per_round.std().fillna(0.0)
         index = list(SETTINGS).index(setting)
         colour = colours[index % len(colours)]

@@ -100,7 +100,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedsim-scale-"))
     cfg = load_config(None, [
         *TINY, f"data.num_clients={args.clients}", f"clients_per_round={args.per_round}", f"rounds={args.rounds}",
-        f"data.partition={args.partition}", "data.alpha=1.0", f"data.synthetic_docs_per_label={max(24, 4 * args.clients)}",
+        f"data.partition={args.partition}", "data.alpha=1.0",
+        f"data.synthetic_docs_per_label={max(24, 4 * args.clients)}",
         f"eval.every={args.rounds}", f"cache_dir={work / 'cache'}", "name=scale",
     ])
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)

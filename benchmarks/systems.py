@@ -92,7 +92,8 @@ def compression(base: list[str], rounds: int, work: Path) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["stragglers", "compression"], default=["stragglers", "compression"])
+    parser.add_argument("--parts", nargs="+", choices=["stragglers", "compression"],
+                        default=["stragglers", "compression"])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--clients", type=int, default=10, help="clients per round (of twice as many)")
     parser.add_argument("--seconds-per-example", type=float, default=0.01)

@@ -75,7 +75,7 @@ def flower_python() -> Path:
 
 
 def run_fedsim(cfg: RunConfig, out: Path, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """fedsim's per-round table (round wall, Σ client compute) and its per-client table."""
+    """The per-round table of fedsim (round wall, Σ client compute) and its per-client table."""
     ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING",
              _system_config=ray_system_config(cfg, prepare(cfg)))  # as the driver starts its embedded Ray
     try:
@@ -98,12 +98,16 @@ class BusyWorker:
         return np.zeros(values, dtype=np.float32)
 
 
-def run_ray_floor(clients: pd.DataFrame, update_values: int, workers: int, system_config: dict[str, Any]) -> pd.DataFrame:
-    """What any Ray scheduler pays around fedsim's own clients: each round's clients, with the compute
-    seconds fedsim measured, replayed as busy tasks on ``workers`` bare actors (sharded as fedsim
-    shards them, update-sized returns in the shared object store), and nothing else: no
+def run_ray_floor(
+    clients: pd.DataFrame, update_values: int, workers: int, system_config: dict[str, Any]
+) -> pd.DataFrame:
+    """What any Ray scheduler pays around fedsim's own clients, replayed as busy tasks on bare actors.
+
+    Each round's clients, with the compute seconds fedsim measured, replayed as busy tasks on ``workers`` bare
+    actors (sharded as fedsim shards them, update-sized returns in the shared object store), and nothing else: no
     instructions, aggregation or bookkeeping. Its overhead ratio is the floor for this workload.
-    ``system_config``: the one fedsim's run had."""
+    ``system_config``: the one fedsim's run had.
+    """
     ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", _system_config=system_config)
     try:
         actors = [BusyWorker.remote() for _ in range(workers)]
@@ -130,7 +134,8 @@ def run_flower(cfg: RunConfig, work: Path, mode: str, workers: int) -> pd.DataFr
     np.save(work / "initial.npy", engine.initial_payload)  # fedsim's initial global payload, the same start
     spec = {
         "base_path": prepared.base_path, "train_path": prepared.train_path, "test_path": prepared.test_path,
-        "label_token_ids": list(prepared.label_token_ids), "lora": cfg.lora.model_dump(), "train": cfg.train.model_dump(),
+        "label_token_ids": list(prepared.label_token_ids), "lora": cfg.lora.model_dump(),
+        "train": cfg.train.model_dump(),
         "seed": cfg.seed, "mode": mode, "rounds": cfg.rounds, "workers": workers,
         "partitions": [prepared.partitions[c].tolist() for c in range(cfg.data.num_clients)],
         "initial_payload": str(work / "initial.npy"), "result": str(work / f"flower-{mode}.json"),
@@ -180,7 +185,9 @@ def main() -> None:
             rows.append({
                 "workload": workload, "system": system,
                 "s_per_round": steady["round_wall_s"].median(),
-                "overhead_ratio": (steady["round_wall_s"] / (steady["round"].map(fedsim_compute) / args.workers)).median(),
+                "overhead_ratio": (
+                    steady["round_wall_s"] / (steady["round"].map(fedsim_compute) / args.workers)
+                ).median(),
                 "own_overhead_ratio": (steady["round_wall_s"] / (steady["compute_s_sum"] / args.workers)).median(),
             })
     table = pd.DataFrame(rows)
@@ -188,7 +195,8 @@ def main() -> None:
     table["fedsim_speedup"] = table["workload"].map(fedsim_s).rdiv(table["s_per_round"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(args.out) / "vs_flower.csv", index=False)
-    print(f"{args.clients} clients per round, {args.local_steps} local steps, {args.rounds} rounds, {args.workers} workers")
+    print(f"{args.clients} clients per round, {args.local_steps} local steps, {args.rounds} rounds, "
+          f"{args.workers} workers")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

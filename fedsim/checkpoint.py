@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class Checkpoint:
     round_idx: int
     payload: np.ndarray
     strategy_state: dict[str, Any]
-    sampler_state: dict[str, Any]
+    sampler_state: Mapping[str, Any]  # the sampler's numpy bit generator state
     sim_time_s: float = 0.0  # the simulated clock after round_idx
 
 

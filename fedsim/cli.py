@@ -1,4 +1,6 @@
-"""``fedsim`` command line: ``run --config FILE [--out DIR] [key.sub=value ...]``, ``resume RUN_DIR``,
+"""The ``fedsim`` command line.
+
+Its commands: ``run --config FILE [--out DIR] [key.sub=value ...]``, ``resume RUN_DIR``,
 ``report RUN_DIR``, ``compare RUN_DIR... --out DIR``, and the Ray Jobs commands ``submit``, ``status``,
 ``logs``, ``stop`` (``--address http://HEAD:8265``).
 
@@ -82,12 +84,14 @@ def _summary_table(rounds: object) -> str:
 
     assert isinstance(rounds, pd.DataFrame)
     cols = [c for c in ("round", "train_loss", "test_loss", "test_accuracy", "wall_s") if c in rounds]
-    return rounds[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    table: str = rounds[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    return table
 
 
 def _console_logging(debug: bool = False) -> None:
-    """INFO lines (with ``debug``, or ``FEDSIM_DEBUG`` set: DEBUG lines) of the ``fedsim`` logger on stderr,
-    printed above rich's live progress bars.
+    """Console logging: the ``fedsim`` logger's lines on stderr, printed above rich's live progress bars.
+
+    INFO lines, or DEBUG lines with ``debug`` or ``FEDSIM_DEBUG`` set, are shown.
 
     Outside debug mode, Python warnings raised by the libraries go to run.log only; with ``debug`` they print
     as usual, and ``FEDSIM_DEBUG`` is set for the rest of the run (the workers Ray starts inherit it).
@@ -112,6 +116,13 @@ def _console_logging(debug: bool = False) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedsim`` command in ``argv`` (``sys.argv[1:]`` when None).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 1 when a round failed, 2 for a bad input, 130 when interrupted.
+    """
     args = _parser().parse_args(argv)
     _console_logging(debug=getattr(args, "debug", False))
     # Imports after parsing: `fedsim --help` stays fast.

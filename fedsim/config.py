@@ -25,7 +25,7 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """pydantic reads ``true`` as 1 for a number field (``rounds: true`` would run one round): refuse it.
+        """Pydantic reads ``true`` as 1 for a number field (``rounds: true`` would run one round): refuse it.
 
         Strict mode would also refuse ``1e-3``, which YAML 1.1 reads as a string, so only booleans are refused.
         """
@@ -63,9 +63,12 @@ class PretrainConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The MoE base: a hub or local checkpoint, or a small model built from these shapes and pretrained."""
+
     family: str = Field(
         "mixtral",
-        description="transformers model_type: mixtral | qwen3_moe | olmoe | qwen2_moe | deepseek_v3 | switch_transformers",
+        description="transformers model_type: mixtral | qwen3_moe | olmoe | qwen2_moe | deepseek_v3 | "
+        "switch_transformers",
     )
     pretrained: str | None = Field(None, description="hub id or local directory; None builds from this config")
     hidden_size: int = Field(128, ge=8)
@@ -77,7 +80,8 @@ class ModelConfig(_Section):
     top_k: int = Field(2, ge=1)
     max_position: int = Field(256, ge=16)
     quantization: Literal["none", "8bit", "4bit"] = Field(
-        "none", description="load the frozen base quantized by bitsandbytes (the quantization extra; CPU or GPU workers)"
+        "none",
+        description="load the frozen base quantized by bitsandbytes (the quantization extra; CPU or GPU workers)",
     )
     pretrain: PretrainConfig = PretrainConfig()
 
@@ -91,6 +95,8 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """The LoRA adapters the clients train on the frozen base: rank, scale and which modules get one."""
+
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -103,7 +109,11 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = Field("gensim_topics", description="gensim_topics | synthetic | local .json/.jsonl/.csv/.parquet | hub name")
+    """The dataset, its schema and scoring, and its split into a test set and the clients' non-IID shards."""
+
+    source: str = Field(
+        "gensim_topics", description="gensim_topics | synthetic | local .json/.jsonl/.csv/.parquet | hub name"
+    )
     format: Literal["text", "mmlu", "hellaswag"] = Field(
         "text", description="text: (text, label) classification scored by label word (AGNews); mmlu | hellaswag: "
         "multiple choice in that schema, scored by option log-likelihood"
@@ -121,7 +131,9 @@ class DataConfig(_Section):
     )
     max_option_length: int = Field(32, ge=1, description="mmlu/hellaswag: tokens kept of each option")
     option_score: Literal["sum", "mean"] | None = Field(
-        None, description="mmlu/hellaswag: an option's log-likelihood summed or per token; default sum (mmlu), mean (hellaswag)"
+        None,
+        description="mmlu/hellaswag: an option's log-likelihood summed or per token; default sum (mmlu), mean "
+        "(hellaswag)",
     )
     num_clients: int = Field(10, ge=1)
     partition: Literal["iid", "dirichlet", "pathological", "natural"] = "dirichlet"
@@ -133,13 +145,17 @@ class DataConfig(_Section):
     max_length: int = Field(96, ge=8, description="tokens per example, prompt and label word included")
     synthetic_docs_per_label: int = Field(60, ge=2)
     min_words: int = Field(40, ge=1, description="gensim_topics: shortest chunk of a document, in words")
-    max_words: int = Field(64, ge=1, description="gensim_topics: longest chunk (longer chunks: more evidence per example)")
+    max_words: int = Field(
+        64, ge=1, description="gensim_topics: longest chunk (longer chunks: more evidence per example)"
+    )
     max_per_class: int = Field(500, ge=1, description="gensim_topics: chunks kept per class")
 
     @model_validator(mode="after")
     def _format(self) -> DataConfig:
         if self.format != "text" and self.source in ("gensim_topics", "synthetic"):
-            raise ValueError(f"format {self.format!r} reads a file or hub dataset in that schema, not source={self.source!r}")
+            raise ValueError(
+                f"format {self.format!r} reads a file or hub dataset in that schema, not source={self.source!r}"
+            )
         return self
 
     @property
@@ -155,6 +171,8 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """A client's local training in a round: optimiser, steps, loss and how its routing statistics are read."""
+
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     local_epochs: int = Field(1, ge=1)
@@ -168,7 +186,8 @@ class TrainConfig(_Section):
         "token", description="FedAlign-MoE regulariser: per-token top-k form (spec) or batch-level KL"
     )
     gradient_checkpointing: bool = Field(
-        False, description="recompute each decoder layer's activations in the backward pass (less memory, more compute)"
+        False,
+        description="recompute each decoder layer's activations in the backward pass (less memory, more compute)",
     )
     routing_stats: Literal["after", "during", "off"] = Field(
         "after",
@@ -239,6 +258,8 @@ class FedAdamConfig(_Section):
 
 
 class StrategyConfig(_Section):
+    """The server's aggregation strategy (``name``), its options, and the update guard's norm limit."""
+
     name: Literal["fedavg", "fedprox", "fedadam", "fedmoe", "pfl_moe", "fedalign_moe"] = "fedavg"
     prox_mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="FedProx μ")
     fedadam: FedAdamConfig = FedAdamConfig()
@@ -258,6 +279,8 @@ class StrategyConfig(_Section):
 
 
 class WorkersConfig(_Section):
+    """The Ray worker pool: how many workers, their CPUs and GPUs, placement and failure handling."""
+
     num_workers: int = Field(0, ge=0, description="0: as many as the CPUs (or GPUs) allow")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="fractional values pack workers on one GPU")
@@ -298,6 +321,8 @@ class EngineConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Evaluation of the global model on the test set: every ``every`` rounds, in batches of ``batch_size``."""
+
     every: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
 
@@ -336,7 +361,8 @@ class SystemConfig(_Section):
         None, gt=0, description="None: measured compute seconds; a number: a reproducible compute model"
     )
     policy: Literal["wait_all", "deadline", "over_select", "async"] = Field(
-        "wait_all", description="async: FedBuff-style buffered asynchronous aggregation (clients_per_round train at once)"
+        "wait_all",
+        description="async: FedBuff-style buffered asynchronous aggregation (clients_per_round train at once)",
     )
     async_buffer: int | None = Field(None, ge=1, description="policy async: updates per server step K (None: half the "
                                      "clients in flight)")
@@ -356,6 +382,8 @@ class SystemConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    """Optional outputs beyond the run's tables: TensorBoard scalars and the aggregator's memory reading."""
+
     tensorboard: bool = Field(False, description="TensorBoard scalars under RUN_DIR/tensorboard (needs the extra)")
     aggregator_memory: bool = Field(
         False, description="read the aggregator's private memory (USS) after every round (~6 ms on its critical path)"
@@ -369,6 +397,8 @@ class CheckpointConfig(_Section):
 
 
 class RunConfig(_Section):
+    """One run's whole configuration: its name, seed, rounds and cohort, and one section per concern."""
+
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
     rounds: int = Field(20, ge=1)
@@ -399,30 +429,46 @@ class RunConfig(_Section):
         for name in ("fail_clients", "nan_clients"):
             unknown = [c for c in getattr(self.faults, name) if not 0 <= c < self.data.num_clients]
             if unknown:
-                raise ValueError(f"faults.{name}: no client has id {unknown[0]} (ids are 0..{self.data.num_clients - 1})")
+                raise ValueError(
+                    f"faults.{name}: no client has id {unknown[0]} (ids are 0..{self.data.num_clients - 1})"
+                )
         late = [r for r in self.faults.fail_rounds if not 1 <= r <= self.rounds]
         if late:
             raise ValueError(f"faults.fail_rounds: no round {late[0]} (rounds are 1..{self.rounds})")
         if self.train.gradient_checkpointing and self.train.routing_stats == "during":
-            raise ValueError("train.gradient_checkpointing: it recomputes the routers in the backward pass, which would "
-                             "count their tokens twice: use train.routing_stats='after'")
+            raise ValueError(
+                "train.gradient_checkpointing: it recomputes the routers in the backward pass, which would "
+                "count their tokens twice: use train.routing_stats='after'"
+            )
         if self.engine.backend == "deepspeed":
             if self.model.pretrained is None and self.model.num_experts % self.engine.group_size:
                 raise ValueError(
-                    f"engine.group_size: {self.engine.group_size} does not divide model.num_experts={self.model.num_experts}"
+                    f"engine.group_size: {self.engine.group_size} does not divide "
+                    f"model.num_experts={self.model.num_experts}"
                 )
             if not self.lora.experts:
-                raise ValueError("lora.experts: engine.backend='deepspeed' shards the experts' LoRA: it needs lora.experts=true")
+                raise ValueError(
+                    "lora.experts: engine.backend='deepspeed' shards the experts' LoRA: it needs lora.experts=true"
+                )
             if self.model.family == "switch_transformers":
-                raise ValueError("engine.backend: 'deepspeed' shards fused expert tensors; switch_transformers keeps one "
-                                 "module per expert: use engine.backend='torch'")
+                raise ValueError(
+                    "engine.backend: 'deepspeed' shards fused expert tensors; switch_transformers keeps one "
+                    "module per expert: use engine.backend='torch'"
+                )
             gpus = self.workers.gpus_per_worker
             if gpus and gpus != int(gpus):
-                raise ValueError(f"workers.gpus_per_worker: engine.backend='deepspeed' needs whole GPUs per worker (NCCL), got workers.gpus_per_worker={gpus}")
+                raise ValueError(
+                    "workers.gpus_per_worker: engine.backend='deepspeed' needs whole GPUs per worker (NCCL), "
+                    f"got workers.gpus_per_worker={gpus}"
+                )
             if self.engine.precision == "bf16" and not gpus:
-                raise ValueError("engine.precision: 'bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32")
+                raise ValueError(
+                    "engine.precision: 'bf16' needs GPUs (workers.gpus_per_worker >= 1); CPU runs use fp32"
+                )
             if self.model.quantization != "none":
-                raise ValueError("model.quantization: the deepspeed engine shards a full-precision base; use engine.backend='torch'")
+                raise ValueError(
+                    "model.quantization: the deepspeed engine shards a full-precision base; use engine.backend='torch'"
+                )
         if self.system.policy == "async":
             if (self.system.async_buffer or 1) > self.clients_per_round:
                 raise ValueError(f"system.async_buffer: {self.system.async_buffer} exceeds the clients in flight "
@@ -431,7 +477,9 @@ class RunConfig(_Section):
                 raise ValueError("system.policy: 'async' needs clients_per_round < data.num_clients: a client that "
                                  "arrives is replaced by one not already training")
         if self.train.routing_stats == "off" and self.strategy.needs_routing_stats():
-            raise ValueError(f"train.routing_stats: 'off', but strategy.name={self.strategy.name!r} reads routing statistics")
+            raise ValueError(
+                f"train.routing_stats: 'off', but strategy.name={self.strategy.name!r} reads routing statistics"
+            )
         return self
 
     def digest(self, *sections: str) -> str:
@@ -485,17 +533,19 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{shown}{more}" if loc else f"{msg}{more}"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# PyYAML ships no type stubs (types-PyYAML is not a dependency), so mypy sees SafeLoader as Any
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # subclassing Any: see above
     """A safe YAML loader that refuses a mapping with a key given twice (YAML itself keeps the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def read_yaml_file(path: Path, field: str) -> Any:
@@ -508,7 +558,9 @@ def read_yaml_file(path: Path, field: str) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{field}: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+        raise ConfigError(
+            f"{field}: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as exc:
@@ -526,7 +578,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         loaded = read_yaml_file(p, "--config")
         if loaded is None:
-            raise ConfigError(f"--config: {p} is empty; give the settings to change, or leave --config out for the defaults")
+            raise ConfigError(
+                f"--config: {p} is empty; give the settings to change, or leave --config out for the defaults"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of keys")
         tree = loaded

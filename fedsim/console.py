@@ -16,14 +16,18 @@ NO_VALUE = "–"
 
 
 def debug_enabled() -> bool:
-    """True when ``FEDSIM_DEBUG`` is set to anything but ``0``: DEBUG lines, library warnings and Ray's worker
-    output then reach the console."""
+    """True when ``FEDSIM_DEBUG`` is set to anything but ``0``.
+
+    DEBUG lines, library warnings and Ray's worker output then reach the console.
+    """
     return os.environ.get(DEBUG_ENV, "0").strip() not in ("", "0")
 
 
 def round_line(round_idx: int, total: int, row: Mapping[str, Any], *, step: bool = False) -> str:
-    """The console's (and run.log's) line for a finished round, e.g. ``round 3/15  train_loss 0.451  test_acc 0.589
-    13.4 s``; a round without evaluation shows ``test_acc –``; an asynchronous run counts server steps (``step``).
+    """The console's (and run.log's) line for a finished round.
+
+    For example ``round 3/15  train_loss 0.451  test_acc 0.589  13.4 s``; a round without evaluation shows
+    ``test_acc –``; an asynchronous run counts server steps (``step``).
 
     ``row`` is the round's row of the rounds table: ``wall_s`` in seconds, accuracy as a fraction.
     """
@@ -50,6 +54,7 @@ class RunLogOnly(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Hand ``record`` to ``fedsim.lib`` marked ``file_only``; False, so the library's own handlers skip it."""
         record.file_only = True
         logging.getLogger("fedsim.lib").handle(record)
         return False

@@ -22,7 +22,7 @@ from datetime import datetime
 from importlib import metadata
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ from actors import (
 )
 from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import ConfigError, FedsimError, RunFailed
+from aggregation.messages import ClientUpdate
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
 from fedsim import environment
@@ -80,6 +81,8 @@ class ClientSampler:
 
 @dataclass(frozen=True)
 class RunResult:
+    """A finished run: its directory and its ``rounds``, ``clients`` and ``comm`` tables (pandas DataFrames)."""
+
     run_dir: Path
     rounds: Any  # pandas.DataFrame
     clients: Any
@@ -173,8 +176,10 @@ def updates_in_flight(cfg: RunConfig) -> int:
 
 
 def ray_system_config(cfg: RunConfig, prepared: PreparedRun) -> dict[str, Any]:
-    """The embedded Ray's system config for this run: its inlining limit follows the size of a round's
-    updates (``actors.embedded_system_config``)."""
+    """The embedded Ray's system config for this run.
+
+    Its inlining limit follows the size of a round's updates (``actors.embedded_system_config``).
+    """
     return embedded_system_config(payload_nbytes(cfg, prepared.base_path), updates_in_flight(cfg))
 
 
@@ -194,7 +199,9 @@ def start_ray(cfg: RunConfig, prepared: PreparedRun) -> bool:
         ray.init(address=cfg.workers.ray_address, logging_level=logging.WARNING)
         return False
     system_config = ray_system_config(cfg, prepared)
-    log.debug("embedded Ray: %s", f"inlining limit {system_config}" if system_config else "Ray's default inlining limit")
+    log.debug(
+        "embedded Ray: %s", f"inlining limit {system_config}" if system_config else "Ray's default inlining limit"
+    )
     ray.init(
         address="local",  # a new Ray of its own, even where `ray start` or RAY_ADDRESS names a cluster on this machine
         num_cpus=cfg.workers.ray_num_cpus or os.cpu_count(),
@@ -246,7 +253,9 @@ def run(cfg: RunConfig, *, out: str | Path | None = None, callbacks: list[Callba
         "started": datetime.now().isoformat(timespec="seconds"),
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return _execute(cfg, prepared, profiles, run_dir, num_workers, started_ray, handler, MetricsTable(), callbacks, None)
+    return _execute(
+        cfg, prepared, profiles, run_dir, num_workers, started_ray, handler, MetricsTable(), callbacks, None
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -256,7 +265,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
-        raise FedsimError(f"{path}: unreadable ({type(exc).__name__}); the run directory cannot be resumed") from None
+        raise FedsimError(
+            f"{path}: unreadable ({type(exc).__name__}); the run directory cannot be resumed"
+        ) from None
     if not isinstance(record, dict):
         raise FedsimError(f"{path}: not a JSON object; the run directory cannot be resumed")
     return record
@@ -293,7 +304,11 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     handler = _attach_log(run_dir)
     log.info("resuming %s after round %d", run_dir, checkpoint.round_idx)
     manifest.setdefault("resumed", []).append(
-        {"time": datetime.now().isoformat(timespec="seconds"), "after_round": checkpoint.round_idx, "git_commit": _git_commit()}
+        {
+            "time": datetime.now().isoformat(timespec="seconds"),
+            "after_round": checkpoint.round_idx,
+            "git_commit": _git_commit(),
+        }
     )
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     table = MetricsTable.read(run_dir, up_to_round=checkpoint.round_idx)
@@ -304,7 +319,9 @@ def _check_gpu_memory(cfg: RunConfig, prepared: PreparedRun) -> None:
     """Refuse, before any actor starts, workers per GPU whose estimated memory exceeds the GPU's."""
     if cfg.workers.gpus_per_worker <= 0:
         return
-    gpu = cfg.workers.gpu_memory_gib * GIB if cfg.workers.gpu_memory_gib else gpu_total_bytes(cfg.workers.gpus_per_worker)
+    gpu = (
+        cfg.workers.gpu_memory_gib * GIB if cfg.workers.gpu_memory_gib else gpu_total_bytes(cfg.workers.gpus_per_worker)
+    )
     if gpu is None:
         return  # no GPU in the cluster: the resource check names that
     need = estimate_worker_memory(cfg, prepared.base_path, num_options=max(1, prepared.num_options))
@@ -361,7 +378,9 @@ def _execute(
             _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
         status = "completed"
         memory = pd.DataFrame(pool.memory())  # a restarted worker's row carries its new process
-        placement.assign(pid=memory["pid"], peak_rss_mib=memory["peak_rss_mib"]).to_csv(run_dir / "placement.csv", index=False)
+        placement.assign(pid=memory["pid"], peak_rss_mib=memory["peak_rss_mib"]).to_csv(
+            run_dir / "placement.csv", index=False
+        )
     except Exception as exc:
         log.error("run failed: %s", exc, extra=FILE_ONLY)
         _write_status(run_dir, "failed", error=str(exc))
@@ -382,7 +401,7 @@ def _execute(
 def engine_spec(cfg: RunConfig, prepared: PreparedRun) -> TorchEngineSpec:
     """The recipe each worker builds its engine from: the torch engine's, or the deepspeed engine's."""
     w, engine = cfg.workers, cfg.engine
-    common = dict(
+    common: dict[str, Any] = dict(
         base_path=prepared.base_path,
         train_path=prepared.train_path,
         test_path=prepared.test_path,
@@ -400,10 +419,10 @@ def engine_spec(cfg: RunConfig, prepared: PreparedRun) -> TorchEngineSpec:
         quantization=cfg.model.quantization,
     )
     if engine.backend == "torch":
-        return TorchEngineSpec(**common)  # type: ignore[arg-type]
+        return TorchEngineSpec(**common)
     from fedsim.engine.deepspeed_engine import DeepSpeedEngineSpec  # deepspeed is imported only when used
 
-    return DeepSpeedEngineSpec(**common, zero_stage=engine.zero_stage, profile_alltoall=engine.profile_alltoall)  # type: ignore[arg-type]
+    return DeepSpeedEngineSpec(**common, zero_stage=engine.zero_stage, profile_alltoall=engine.profile_alltoall)
 
 
 def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
@@ -411,9 +430,12 @@ def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
     w, engine = cfg.workers, cfg.engine
     spec = engine_spec(cfg, prepared)
     if engine.backend == "torch":
-        log.info("starting %d workers (%g CPU, %g GPU each, %s)", n, w.cpus_per_worker, w.gpus_per_worker, spec.precision)
+        log.info(
+            "starting %d workers (%g CPU, %g GPU each, %s)", n, w.cpus_per_worker, w.gpus_per_worker, spec.precision
+        )
         return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
-                          spread=w.placement == "spread", max_restarts=w.max_restarts, max_task_retries=w.max_task_retries)
+                          spread=w.placement == "spread", max_restarts=w.max_restarts,
+                          max_task_retries=w.max_task_retries)
     log.info("starting %d deepspeed groups of %d workers (%g CPU, %g GPU each; ZeRO %d, %s)", n, engine.group_size,
              w.cpus_per_worker, w.gpus_per_worker, engine.zero_stage, spec.precision)
     return WorkerPool(spec, num_workers=n, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
@@ -425,11 +447,14 @@ def _loop(
     run_dir: Path, checkpoint: Checkpoint | None,
 ) -> None:
     layout, initial = pool.describe()
-    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
-                                   measure_memory=cfg.logging.aggregator_memory)
+    # @ray.remote made Aggregator an actor class, a class decorator mypy does not apply: its handle is untyped
+    aggregator: Any = cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout,
+                                                   cfg.strategy.max_update_norm,
+                                                   measure_memory=cfg.logging.aggregator_memory)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
     _store_system(cfg, profiles, run_dir)
+    assert system.policy != "async", "_execute runs an asynchronous run with _loop_async"
     clock = RoundClock(
         profiles, system.policy, deadline_s=system.deadline_s or math.inf, keep=cfg.clients_per_round,
         seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs,
@@ -485,16 +510,21 @@ def _loop(
 
 
 def _online(cfg: RunConfig, trace: AvailabilityTrace | None, r: int, sim_time: float) -> tuple[list[int], float]:
-    """Clients online when round ``r`` starts, and that start on the simulated clock: with a trace, a round
-    that would find nobody online waits until somebody comes online."""
+    """Clients online when round ``r`` starts, and that start on the simulated clock.
+
+    With a trace, a round that would find nobody online waits until somebody comes online.
+    """
     if trace is None:
-        return available(cfg.data.num_clients, round_idx=r, seed=cfg.seed, probability=cfg.system.availability), sim_time
+        online_now = available(cfg.data.num_clients, round_idx=r, seed=cfg.seed, probability=cfg.system.availability)
+        return online_now, sim_time
     online = trace.online(sim_time)
     if not online:
         later = trace.next_online(sim_time)
         if not math.isfinite(later):
             raise RunFailed(f"round {r}: no client of system.availability_trace is ever online again")
-        log.info("round %d: no client online at %.1f s on the simulated clock; waiting until %.1f s", r, sim_time, later)
+        log.info(
+            "round %d: no client online at %.1f s on the simulated clock; waiting until %.1f s", r, sim_time, later
+        )
         sim_time, online = later, trace.online(later)
     return online, sim_time
 
@@ -507,8 +537,8 @@ def _store_system(cfg: RunConfig, profiles: dict[int, DeviceProfile], run_dir: P
 
 
 def _close_round(
-    cfg: RunConfig, r: int, row: dict[str, Any], summary: RoundSummary, pool: WorkerPool, payload_ref: ray.ObjectRef,
-    eval_chunks: list[tuple[int, int]], cbs: list[Callback], t0: float,
+    cfg: RunConfig, r: int, row: dict[str, Any], summary: RoundSummary, pool: WorkerPool,
+    payload_ref: ray.ObjectRef[np.ndarray], eval_chunks: list[tuple[int, int]], cbs: list[Callback], t0: float,
 ) -> bool:
     """Evaluate when due, finish the round's row and hand it to the callbacks; True if one asks to stop."""
     if r % cfg.eval.every == 0 or r == cfg.rounds:
@@ -537,9 +567,11 @@ def _loop_async(
     cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, cbs: list[Callback],
     run_dir: Path,
 ) -> None:
-    """FedBuff-style asynchronous rounds (aggregation/buffered.py): ``clients_per_round`` clients train at once,
-    each from the version current when it started on the simulated clock; every ``system.async_buffer``
-    arrivals make one server step (a row of the rounds table), their weights discounted by staleness.
+    """FedBuff-style asynchronous rounds (aggregation/buffered.py).
+
+    ``clients_per_round`` clients train at once, each from the version current when it started on the
+    simulated clock; every ``system.async_buffer`` arrivals make one server step (a row of the rounds table),
+    their weights discounted by staleness.
 
     Arrival order is decided on the simulated clock, so the next step waits until every client in flight has
     finished for real; a client that arrives is replaced at its arrival time, from the version then current:
@@ -547,18 +579,24 @@ def _loop_async(
     K = clients in flight and simultaneous arrivals this is synchronous FedAvg, round for round.
     """
     layout, initial = pool.describe()
-    aggregator = Aggregator.remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
-                                   measure_memory=cfg.logging.aggregator_memory)
+    # @ray.remote made Aggregator an actor class, a class decorator mypy does not apply: its handle is untyped
+    aggregator: Any = cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout,
+                                                   cfg.strategy.max_update_norm,
+                                                   measure_memory=cfg.logging.aggregator_memory)
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
     _store_system(cfg, profiles, run_dir)
-    clock = RoundClock(profiles, "wait_all", seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs)
+    clock = RoundClock(
+        profiles, "wait_all", seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs
+    )
     buffer_size = system.async_buffer or max(1, cfg.clients_per_round // 2)
     trace = build_availability(system, cfg.data.num_clients)
     versions = {0: ray.put(initial)}
     del initial
-    eval_chunks = [(lo, min(lo + cfg.eval.batch_size, prepared.n_test)) for lo in range(0, prepared.n_test, cfg.eval.batch_size)]
-    flights: list[Flight[ray.ObjectRef]] = []
+    eval_chunks = [
+        (lo, min(lo + cfg.eval.batch_size, prepared.n_test)) for lo in range(0, prepared.n_test, cfg.eval.batch_size)
+    ]
+    flights: list[Flight[ray.ObjectRef[ClientUpdate]]] = []
 
     def launch(count: int, start_s: float, version: int) -> None:
         busy = {f.client for f in flights}
@@ -614,9 +652,12 @@ def _loop_async(
 
 
 def _handle_failures(cfg: RunConfig, r: int, summary: RoundSummary) -> None:
-    """Log the round's failed and rejected clients; raise RunFailed when the policy says stop, or when a round
-    that had clients merged none of them: each failed, was rejected or came after the deadline. A run never
-    carries on (or ends ``completed``) from a round that changed nothing because nothing usable arrived."""
+    """Log the round's failed and rejected clients; raise RunFailed when the run cannot go on.
+
+    That is when the policy says stop, or when a round that had clients merged none of them: each failed, was
+    rejected or came after the deadline. A run never carries on (or ends ``completed``) from a round that
+    changed nothing because nothing usable arrived.
+    """
     for reason in summary.rejected:
         log.warning("round %d: rejected the update of %s", r, reason)
     late = [c["client"] for c in summary.clients if c["straggler"]]
@@ -675,7 +716,9 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "routing_tv": _mean_pairwise_tv(s.routing_p_bar),
-        "compression_error": (sum(c["compression_error"] * c["n_examples"] for c in trusted) / n) if n else float("nan"),
+        "compression_error": (
+            (sum(c["compression_error"] * c["n_examples"] for c in trusted) / n) if n else float("nan")
+        ),
         "compute_s_sum": compute,
         "train_wall_s": train_wall,
         "overhead_ratio": train_wall / (compute / workers) if compute else float("nan"),

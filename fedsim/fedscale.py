@@ -47,12 +47,19 @@ def _dealt(data: dict[Any, Any], num_clients: int) -> list[Any]:
 
 
 def fedscale_profiles(path: str, num_clients: int) -> dict[int, DeviceProfile]:
+    """Device profiles of clients 0 … ``num_clients`` − 1 from a FedScale device capacity pickle at ``path``.
+
+    ``speed_factor`` is a client's computation time over the median's; both links run at its ``communication``
+    rate (kbit/s, as bytes/s); no latency.
+    """
     data = load_trace(path, "system.profiles")
     try:
         ms = {k: float(v["computation"]) for k, v in data.items()}
         kbps = {k: float(v["communication"]) for k, v in data.items()}
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"system.profiles: {path}: every record needs numbers 'computation' and 'communication'") from None
+        raise ConfigError(
+            f"system.profiles: {path}: every record needs numbers 'computation' and 'communication'"
+        ) from None
     if min(ms.values()) <= 0 or min(kbps.values()) <= 0:
         raise ConfigError(f"system.profiles: {path} has a non-positive computation or communication value")
     typical = float(np.median(list(ms.values())))
@@ -61,6 +68,10 @@ def fedscale_profiles(path: str, num_clients: int) -> dict[int, DeviceProfile]:
 
 
 def fedscale_availability(path: str, num_clients: int) -> AvailabilityTrace:
+    """The online intervals (s) and cycle of clients 0 … ``num_clients`` − 1 from a FedScale behaviour trace.
+
+    An active time stamp without a matching inactive one stays online until ``finish_time``.
+    """
     data = load_trace(path, "system.availability_trace")
     intervals, period = {}, {}
     for c, k in enumerate(_dealt(data, num_clients)):
@@ -75,6 +86,7 @@ def fedscale_availability(path: str, num_clients: int) -> AvailabilityTrace:
         if not math.isfinite(finish) or finish <= 0:
             raise ConfigError(f"system.availability_trace: {path}: client {k} has finish_time {finish}")
         ends = inactive + [finish] * (len(active) - len(inactive))
-        intervals[c] = tuple((a, b) for a, b in zip(active, ends) if b > a)
+        # ends is longer than active when a record lists more inactive than active stamps: zip drops the extra
+        intervals[c] = tuple((a, b) for a, b in zip(active, ends, strict=False) if b > a)
         period[c] = finish
     return AvailabilityTrace(intervals, period)

@@ -27,6 +27,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from aggregation.errors import ConfigError
 from fedsim import environment
 from fedsim.config import RunConfig, load_config
+from fedsim.data.local import looks_like_path
 
 PROJECT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedsim", "actors", "aggregation")
@@ -50,12 +51,22 @@ def job_config(config: str | None, overrides: Sequence[str], out_dir: str | None
     """The run's configuration as the job will see it: validated, attached to the cluster, paths absolute."""
     cfg = load_config(config, [*overrides, "workers.ray_address=auto", "progress=false"])
     absolute = {"out_dir": str(Path(out_dir or cfg.out_dir).resolve()), "cache_dir": str(Path(cfg.cache_dir).resolve())}
-    data, system = cfg.data, cfg.system
-    if data.source == "file" and data.path:
-        data = data.model_copy(update={"path": str(Path(data.path).resolve())})
+    data, system, model = cfg.data, cfg.system, cfg.model
+    # the job runs in a staged working_dir: every local file the run reads is named by its absolute path
+    if data.source not in ("gensim_topics", "synthetic") and looks_like_path(data.source):
+        data = data.model_copy(update={"source": _absolute(data.source)})
     if system.profiles not in ("uniform", "random"):
-        system = system.model_copy(update={"profiles": str(Path(system.profiles).resolve())})
-    return cfg.model_copy(update={**absolute, "data": data, "system": system})
+        system = system.model_copy(update={"profiles": _absolute(system.profiles)})
+    if system.availability_trace:
+        system = system.model_copy(update={"availability_trace": _absolute(system.availability_trace)})
+    if model.pretrained and Path(model.pretrained).expanduser().exists():  # a local directory, not a hub id
+        model = model.model_copy(update={"pretrained": _absolute(model.pretrained)})
+    return cfg.model_copy(update={**absolute, "data": data, "system": system, "model": model})
+
+
+def _absolute(path: str) -> str:
+    """``path`` resolved against this machine's working directory (where the user submits from)."""
+    return str(Path(path).expanduser().resolve())
 
 
 def stage(cfg: RunConfig) -> Path:
@@ -119,14 +130,17 @@ def outcome(address: str, job_id: str) -> str:
 
 
 def status(address: str, job_id: str) -> str:
+    """One line on the job: its status, the run directory it writes and Ray's message, if any."""
     info = client(address).get_job_info(job_id)
     run_dir = (info.metadata or {}).get("fedsim_run_dir", "?")
     return f"{job_id}: {info.status.value} (run directory {run_dir}){': ' + info.message if info.message else ''}"
 
 
 def logs(address: str, job_id: str) -> str:
+    """The job's whole log so far: its entrypoint's output."""
     return client(address).get_job_logs(job_id)
 
 
 def stop(address: str, job_id: str) -> bool:
+    """Ask the cluster to stop the job; True if it was running and a stop was requested."""
     return client(address).stop_job(job_id)

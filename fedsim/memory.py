@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedModel
 
 from aggregation.errors import ConfigError
 from aggregation.payload import PAYLOAD_DTYPE
@@ -54,9 +54,11 @@ class WorkerMemory:
 
     @property
     def total(self) -> float:
+        """All parts together, in bytes."""
         return self.base + self.trainable + self.activations
 
     def describe(self) -> str:
+        """The total and its parts in GiB (MiB under 1 GiB), naming where the numbers come from."""
         unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
         return (f"{self.total / scale:.2f} {unit} ({self.source}: base {self.base / scale:.2f} + trainable and "
                 f"optimiser {self.trainable / scale:.2f} + activations {self.activations / scale:.2f})")
@@ -66,7 +68,7 @@ class WorkerMemory:
 _QUANTIZED_WIDTH = {"8bit": 1.0, "4bit": 0.5}
 
 
-def _trainable_values(cfg: RunConfig, model: nn.Module) -> int:
+def _trainable_values(cfg: RunConfig, model: PreTrainedModel) -> int:
     """Values of the LoRA factors and routers ``cfg`` trains on ``model``: the payload's length."""
     peft_model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
                             lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts)
@@ -74,11 +76,15 @@ def _trainable_values(cfg: RunConfig, model: nn.Module) -> int:
 
 
 def payload_nbytes(cfg: RunConfig, base_path: str) -> int:
-    """Bytes of the global payload (and of one client's update) for ``cfg`` on the base at ``base_path``,
-    read on the meta device before any worker builds the model."""
+    """Bytes of the global payload (and of one client's update) for ``cfg`` on the base at ``base_path``.
+
+    Read on the meta device, before any worker builds the model.
+    """
     config: Any = AutoConfig.from_pretrained(base_path)
     with torch.device("meta"):
-        values = _trainable_values(cfg, model_class(config).from_config(config))
+        # transformers leaves the auto classes' from_config unannotated
+        base: PreTrainedModel = model_class(config).from_config(config)  # type: ignore[no-untyped-call]
+        values = _trainable_values(cfg, base)
     return int(values) * np.dtype(PAYLOAD_DTYPE).itemsize
 
 
@@ -89,12 +95,16 @@ def estimate_worker_memory(cfg: RunConfig, base_path: str, *, num_options: int =
     """
     config: Any = AutoConfig.from_pretrained(base_path)
     with torch.device("meta"):
-        model = model_class(config).from_config(config)
+        # transformers leaves the auto classes' from_config unannotated
+        model = model_class(config).from_config(config)  # type: ignore[no-untyped-call]
         base_values = sum(p.numel() for p in model.parameters())
         spec = family_of(model)
         expert_values = sum(p.numel() for m in spec.experts_modules(model) for p in m.parameters())
-        skip = {id(p) for r in spec.routers(model) for p in r.parameters()} | {id(model.get_output_embeddings().weight)}
-        linear_values = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in skip)
+        skip = {id(p) for r in spec.routers(model) for p in r.parameters()}
+        skip |= {id(model.get_output_embeddings().weight)}
+        linear_values = sum(
+            m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in skip
+        )
         trainable_values = _trainable_values(cfg, model)
     deepspeed = cfg.engine.backend == "deepspeed"
     group = cfg.engine.group_size if deepspeed else 1
@@ -110,7 +120,8 @@ def estimate_worker_memory(cfg: RunConfig, base_path: str, *, num_options: int =
     b, h = per_rank_batch, int(config.hidden_size)
     k, inner = spec.top_k(config), int(getattr(config, spec.expert_intermediate_key))
     per_layer = s * b * h * (10 + 24 * (k * inner) / (4 * h))
-    layers = int(config.num_hidden_layers) + int(getattr(config, "num_decoder_layers", 0) if config.is_encoder_decoder else 0)
+    decoder_layers = getattr(config, "num_decoder_layers", 0) if config.is_encoder_decoder else 0
+    layers = int(config.num_hidden_layers) + int(decoder_layers)
     if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's activations exist at a time
         activations = (layers * s * b * h + per_layer) * width
     else:
@@ -134,8 +145,10 @@ def check_gpu_packing(cfg: RunConfig, need: WorkerMemory, gpu_bytes: float, *, h
 
 
 def measure_worker_memory(cfg: RunConfig, prepared: PreparedRun) -> WorkerMemory:
-    """The torch engine's peak GPU memory, measured on this process's GPU: built, then one step on the
-    ``train.batch_size`` longest training examples."""
+    """The torch engine's peak GPU memory, measured on this process's GPU.
+
+    The engine is built, then trains one step on the ``train.batch_size`` longest training examples.
+    """
     from aggregation.messages import ClientInstructions
     from fedsim.engine.torch_engine import TorchEngineSpec
 

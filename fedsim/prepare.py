@@ -107,7 +107,9 @@ def load_raw(cfg: RunConfig) -> tuple[datasets.Dataset, tuple[str, ...]]:
 
 # Data settings that only decide who gets which row, or how an option is scored: they never change the corpus,
 # the base or the encoding.
-PARTITION_ONLY = {"num_clients", "partition", "alpha", "labels_per_client", "min_examples", "partition_key", "option_score"}
+PARTITION_ONLY = {
+    "num_clients", "partition", "alpha", "labels_per_client", "min_examples", "partition_key", "option_score"
+}
 
 
 # Settings that only decide how examples are encoded, or how the base is loaded: never the corpus or the base.
@@ -216,8 +218,11 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     base = prepare_base(cfg, pretraining_texts(cfg, train, test), words)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: a sentencepiece-only tokenizer without sentencepiece
-        raise ConfigError(f"model.pretrained: no tokenizer could be loaded from {base}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, ImportError) as exc:
+        # ImportError: a sentencepiece-only tokenizer without sentencepiece
+        raise ConfigError(
+            f"model.pretrained: no tokenizer could be loaded from {base}: {str(exc).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token_id is None:  # many decoder-only checkpoints ship none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     task: TopicTask | ChoiceTask

@@ -32,8 +32,8 @@ def build_profiles(system: SystemConfig, num_clients: int, seed: int) -> dict[in
     if system.profiles in ("uniform", "random"):
         return random_profiles(
             num_clients, seed=seed, slow_fraction=system.slow_fraction if system.profiles == "random" else 0.0,
-            slow_factor=system.slow_factor, downlink_bps=_bps(system.downlink_mbps), uplink_bps=_bps(system.uplink_mbps),
-            latency_s=system.latency_s,
+            slow_factor=system.slow_factor, downlink_bps=_bps(system.downlink_mbps),
+            uplink_bps=_bps(system.uplink_mbps), latency_s=system.latency_s,
         )
     path = Path(system.profiles)
     if path.suffix == ".pkl":
@@ -53,7 +53,9 @@ def build_profiles(system: SystemConfig, num_clients: int, seed: int) -> dict[in
     if (table["speed_factor"] <= 0).any() or (table[["downlink_mbps", "uplink_mbps"]] <= 0).any().any():
         raise ConfigError(f"system.profiles: {path} has a non-positive speed_factor or link speed")
     return {
-        int(r.client): DeviceProfile(float(r.speed_factor), _bps(r.downlink_mbps), _bps(r.uplink_mbps), float(r.latency_s))
+        int(r.client): DeviceProfile(
+            float(r.speed_factor), _bps(r.downlink_mbps), _bps(r.uplink_mbps), float(r.latency_s)
+        )
         for r in table.itertuples()
         if 0 <= int(r.client) < num_clients
     }
@@ -65,6 +67,7 @@ def build_availability(system: SystemConfig, num_clients: int) -> AvailabilityTr
 
 
 def write_profiles(profiles: dict[int, DeviceProfile], path: Path) -> None:
+    """Write ``profiles`` to ``path`` as a csv table in the form ``build_profiles`` reads (links in Mbit/s)."""
     rows = [{"client": c, "speed_factor": p.speed_factor,
              "downlink_mbps": p.downlink_bps * 8 / 1e6, "uplink_mbps": p.uplink_bps * 8 / 1e6, "latency_s": p.latency_s}
             for c, p in sorted(profiles.items())]

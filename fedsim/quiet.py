@@ -19,12 +19,15 @@ LIBRARY_LOGGERS = ("DeepSpeed", "ray._private.authentication.authentication_toke
 
 
 def quiet_libraries() -> None:
-    """Turn off datasets' and transformers' tqdm bars and transformers' info chatter; outside debug mode
-    (``console.debug_enabled``), send DeepSpeed's and Ray's token-setup log lines to run.log instead of the
-    console (idempotent)."""
+    """Turn off datasets' and transformers' tqdm bars and transformers' info chatter (idempotent).
+
+    Outside debug mode (``console.debug_enabled``), DeepSpeed's and Ray's token-setup log lines also go to
+    run.log instead of the console.
+    """
     datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    # transformers leaves these two unannotated
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     if not debug_enabled():
         for name in LIBRARY_LOGGERS:
             route_to_run_log(logging.getLogger(name))

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from aggregation.errors import FedsimError  # noqa: E402
@@ -40,7 +41,7 @@ def _rounds(run_dir: Path) -> pd.DataFrame:
     return rounds
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     for ax in fig.axes:
         if ax.get_xlabel() == "round":  # rounds are whole numbers
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -193,12 +194,14 @@ def report(run_dir: str | Path) -> Path:
     rounds = _rounds(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    images = [_accuracy(rounds, out), _accuracy_vs_time(rounds, out), _accuracy_vs_bytes(rounds, out), _bytes_by_class(_read(run_dir, "comm"), out),
-              _expert_utilisation(_read(run_dir, "routing"), out), _client_weights(_read(run_dir, "clients"), out),
-              _strategy(rounds, out), _failures(rounds, out)]
+    images = [_accuracy(rounds, out), _accuracy_vs_time(rounds, out), _accuracy_vs_bytes(rounds, out),
+              _bytes_by_class(_read(run_dir, "comm"), out), _expert_utilisation(_read(run_dir, "routing"), out),
+              _client_weights(_read(run_dir, "clients"), out), _strategy(rounds, out), _failures(rounds, out)]
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
-    summary = rounds[[c for c in SUMMARY_COLUMNS if c in rounds]].to_html(index=False, float_format=lambda v: f"{v:.4f}")
+    summary = rounds[[c for c in SUMMARY_COLUMNS if c in rounds]].to_html(
+        index=False, float_format=lambda v: f"{v:.4f}"
+    )
     page = _html(f"fedsim run {run_dir.name}", [i for i in images if i is not None], [
         ("Status", f"<p>{html.escape(status.get('status', 'unknown'))}: {len(rounds)} rounds</p>"),
         ("Rounds", summary),
@@ -233,11 +236,13 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     image = _save(fig, out / "compare_accuracy.png")
     table = pd.DataFrame([
         {"run": name, "rounds": len(r), "final_accuracy": float(np.mean(r["test_accuracy"].tail(5))),
-         "best_accuracy": float(r["test_accuracy"].max()), "MiB": float((r["bytes_down"] + r["bytes_up"]).sum() / 2**20)}
+         "best_accuracy": float(r["test_accuracy"].max()),
+         "MiB": float((r["bytes_down"] + r["bytes_up"]).sum() / 2**20)}
         for name, r in runs.items()
     ])
     page = _html("fedsim compare", [image], [
-        ("Runs (final accuracy: mean of the last 5 rounds)", table.to_html(index=False, float_format=lambda v: f"{v:.4f}")),
+        ("Runs (final accuracy: mean of the last 5 rounds)",
+         table.to_html(index=False, float_format=lambda v: f"{v:.4f}")),
     ])
     path = out / "compare.html"
     path.write_text(page)

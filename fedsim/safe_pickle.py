@@ -126,7 +126,7 @@ class _PendingArray:
     """What ``_reconstruct(ndarray, ...)`` and its BUILD asked for; the BUILD makes the array with frombuffer."""
 
     __slots__ = ("_array",)
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, as _PendingDtype: never a dict key or set member
 
     def __init__(self) -> None:
         self._array: np.ndarray[Any, Any] | None = None

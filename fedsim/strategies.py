@@ -22,6 +22,7 @@ class StrategyFactory:
     config: StrategyConfig
 
     def __call__(self, layout: PayloadLayout) -> Strategy:
+        """A fresh strategy of the configured ``name`` (FedAvg by default) over ``layout``."""
         if self.config.name == "fedprox":
             return FedProx(layout, mu=self.config.prox_mu)
         if self.config.name == "fedadam":

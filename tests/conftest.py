@@ -14,8 +14,11 @@ environment.apply()
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not ray"` must see these marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``ray`` every test that starts Ray: those using ``ray_session`` and everything under tests/e2e/ (real
-    runs, some of them starting their own Ray in a child process), so ``make test-fast`` leaves them all out."""
+    """Mark ``ray`` every test that starts Ray, so ``make test-fast`` leaves them all out.
+
+    Those are the tests using ``ray_session`` and everything under tests/e2e/ (real runs, some of them starting
+    their own Ray in a child process).
+    """
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()) or item.path.is_relative_to(E2E):
             item.add_marker(pytest.mark.ray)

@@ -70,7 +70,8 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     engine = _cached_engine() if spec()["mode"] == "cached" else _engine_spec()()
     rows = np.asarray(spec()["partitions"][cid], dtype=np.int64)
-    update = engine.train(rows, payload, ClientInstructions(client_id=cid, round_idx=round_idx, seed=client_seed(spec()["seed"], round_idx, cid)))
+    update = engine.train(rows, payload, ClientInstructions(client_id=cid, round_idx=round_idx,
+                                                            seed=client_seed(spec()["seed"], round_idx, cid)))
     seconds = time.perf_counter() - start  # the client's work, model construction included when it is per call
     metrics = MetricRecord({"num-examples": update.n_examples, "compute_s": seconds,
                             "train_s": update.compute_seconds})
@@ -85,11 +86,15 @@ class TimedFedAvg(FedAvg):
         self.rounds: list[dict[str, float]] = []
         self._started = 0.0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._started = time.perf_counter()
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         merged = super().aggregate_train(server_round, replies)
         self.rounds.append({

@@ -1,6 +1,6 @@
 """Run Flower's simulation engine on the spec written by ``benchmarks/vs_flower.py`` (in the Flower venv).
 
-    FEDSIM_FLOWER_SPEC=spec.json PYTHONPATH=. .venv-flower/bin/python benchmarks/flower/run_flower.py
+FEDSIM_FLOWER_SPEC=spec.json PYTHONPATH=. .venv-flower/bin/python benchmarks/flower/run_flower.py
 """
 
 from __future__ import annotations

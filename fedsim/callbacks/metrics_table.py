@@ -23,8 +23,11 @@ _GROWING = ("clients", "comm", "routing")
 
 
 class MetricsTable(Callback):
-    """Writes ``rounds`` (one row per round), ``clients`` (one row per client-round), ``comm`` (one row per
-    client-round, direction and payload class) and ``routing`` (one row per round, layer and expert)."""
+    """The run's tables on disk, rewritten or appended to after every round.
+
+    ``rounds`` has one row per round, ``clients`` one row per client-round, ``comm`` one row per
+    client-round, direction and payload class, and ``routing`` one row per round, layer and expert.
+    """
 
     def __init__(self) -> None:
         self.rounds: list[dict[str, Any]] = []
@@ -45,7 +48,7 @@ class MetricsTable(Callback):
                 frame = pd.read_parquet(parts)
                 parts.unlink()
                 for r, rows in frame.groupby("round"):
-                    table._append(name, int(r), rows)  # type: ignore[arg-type]
+                    table._append(name, int(r), rows)
             for part in sorted(parts.glob("round-*.parquet")) if parts.is_dir() else []:
                 if int(part.stem.removeprefix("round-")) > up_to_round:
                     part.unlink()
@@ -53,9 +56,11 @@ class MetricsTable(Callback):
         return table
 
     def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
+        """Remember ``run_dir``, where the tables are written."""
         self.run_dir = run_dir
 
     def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
+        """Append the round's row and its client, comm and routing parts; never stops the run or adds metrics."""
         self.rounds.append(dict(record.row))
         if self.run_dir is not None:
             for name, rows in (("clients", record.clients), ("comm", record.comm), ("routing", record.routing)):
@@ -65,12 +70,15 @@ class MetricsTable(Callback):
         return False, {}
 
     def rounds_frame(self) -> pd.DataFrame:
+        """The ``rounds`` table, one row per round."""
         return pd.DataFrame(self.rounds)
 
     def clients_frame(self) -> pd.DataFrame:
+        """The ``clients`` table read back from its parts, one row per client-round, sorted by round."""
         return self._read("clients")
 
     def comm_frame(self) -> pd.DataFrame:
+        """The ``comm`` table read back from its parts, one row per client-round, direction and payload class."""
         return self._read("comm")
 
     # -- files -----------------------------------------------------------------------------------------

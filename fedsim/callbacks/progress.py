@@ -30,19 +30,24 @@ class Progress(Callback):
         self._clients: Any = None
 
     def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
+        """Start the display with a rounds bar of ``total_rounds`` and an empty clients bar."""
         self._bar.start()
         self._rounds = self._bar.add_task("rounds ", total=total_rounds, info="")
         self._clients = self._bar.add_task("clients", total=1, info="")
 
     def on_client_progress(self, *, round_idx: int, done: int, total: int) -> None:
+        """Move the clients bar to ``done`` of ``total`` for round ``round_idx``."""
         self._bar.update(self._clients, completed=done, total=total, info=f"round {round_idx}")
 
     def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
+        """Advance the rounds bar and show the round's loss and accuracy; never stops the run or adds metrics."""
         row = record.row
         acc = row.get("test_accuracy", float("nan"))
-        info = f"loss {row.get('train_loss', float('nan')):.3f}  acc {'–' if acc != acc else f'{acc:.3f}'}"  # – unevaluated
+        # – unevaluated
+        info = f"loss {row.get('train_loss', float('nan')):.3f}  acc {'–' if acc != acc else f'{acc:.3f}'}"
         self._bar.update(self._rounds, completed=record.round_idx, info=info)
         return False, {}
 
     def on_run_end(self, *, status: str) -> None:
+        """Stop the display, leaving the bars on the console."""
         self._bar.stop()

@@ -34,15 +34,18 @@ class TensorBoardScalars(Callback):
         self._bytes = 0.0
 
     def on_run_begin(self, *, run_dir: Path, total_rounds: int) -> None:
+        """Open the event writer on ``RUN_DIR/tensorboard``."""
         from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
 
         self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
+        """Write the round's finite numeric columns and curves, then flush; never stops the run or adds metrics."""
         row, step = record.row, record.round_idx
         self._bytes += float(row.get("bytes_down", 0.0)) + float(row.get("bytes_up", 0.0))
         for name, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and name != "round":
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and math.isfinite(value) and name != "round":
                 self._writer.add_scalar(f"round/{name}", value, step)
         for name in _CURVES:
             value = row.get(name)
@@ -54,5 +57,6 @@ class TensorBoardScalars(Callback):
         return False, {}
 
     def on_run_end(self, *, status: str) -> None:
+        """Close the event writer, if the run began."""
         if self._writer is not None:
             self._writer.close()

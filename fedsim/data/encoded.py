@@ -29,6 +29,7 @@ class EncodedBatch:
         return int(self.label.shape[0])
 
     def rows(self, idx: np.ndarray) -> EncodedBatch:
+        """The rows ``idx`` (integer indices [n] or a boolean mask [B]) of every column."""
         return EncodedBatch(*(getattr(self, c)[idx] for c in COLUMNS))
 
     def trimmed(self) -> EncodedBatch:
@@ -40,7 +41,9 @@ class EncodedBatch:
         width = int(self.attention_mask.sum(axis=1).max(initial=1))
         if width >= self.input_ids.shape[1]:
             return self
-        return EncodedBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.label_pos, self.label_token, self.label)
+        return EncodedBatch(
+            self.input_ids[:, :width], self.attention_mask[:, :width], self.label_pos, self.label_token, self.label
+        )
 
 
 class EncodedSplit:
@@ -54,6 +57,7 @@ class EncodedSplit:
 
     @classmethod
     def load(cls, path: str) -> EncodedSplit:
+        """The split saved at ``path``, memory-mapped (``datasets.load_from_disk``)."""
         return cls(datasets.load_from_disk(path))
 
     def __len__(self) -> int:

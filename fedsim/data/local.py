@@ -13,7 +13,7 @@ import contextlib
 import csv
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import numpy as np
@@ -41,7 +41,7 @@ def _quiet_progress() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Tell a file path (known suffix, explicit prefix, or existing file) from a hub name."""
     return (
         Path(source).suffix.lower() in BUILDER_OF_SUFFIX
@@ -57,8 +57,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
-    """Refuse a text file that is not UTF-8, naming the first bad byte (``datasets`` would fail deep inside
-    its builder, in a message that hides the cause). One streaming pass, constant memory."""
+    """Refuse a text file that is not UTF-8, naming the first bad byte.
+
+    ``datasets`` would fail deep inside its builder, in a message that hides the cause. One streaming pass,
+    constant memory.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with path.open("rb") as f:
@@ -86,7 +89,7 @@ def load_source(
     detection, so a cell ``"2"`` or ``"None"`` stays that text (multiple-choice
     options) instead of becoming a number or a missing value.
     """
-    if not _looks_like_path(source):
+    if not looks_like_path(source):
         try:
             with _quiet_progress():
                 raw = datasets.load_dataset(source, hub_config, split=split)
@@ -137,9 +140,10 @@ def _encode_labels(
     if any(v is None for v in values):
         raise ConfigError(f"data.label_field: column {field!r} in {where} has missing values")
     if all(isinstance(v, str) for v in values):
-        names = sorted(set(values))  # type: ignore[type-var]
+        strings = cast(list[str], values)  # every value is a str (checked just above)
+        names = sorted(set(strings))
         index = {name: i for i, name in enumerate(names)}
-        return np.asarray([index[v] for v in values], dtype=np.int64), names  # type: ignore[index]
+        return np.asarray([index[v] for v in strings], dtype=np.int64), names
     numbers = np.asarray(values)
     if numbers.dtype.kind in "iub":
         return numbers.astype(np.int64), None

@@ -81,7 +81,8 @@ def train_bpe_tokenizer(
     missing = [w for w in label_words if len(tokenizer.encode(" " + w).ids) != 1]
     tokenizer.add_tokens([AddedToken(" " + w, normalized=False) for w in missing])
 
-    wrapped = PreTrainedTokenizerFast(
+    # transformers 5's PreTrainedTokenizerFast (TokenizersBackend) declares an unannotated __init__(*args, **kwargs)
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         pad_token=PAD,
         bos_token=BOS,

@@ -45,7 +45,8 @@ class DeepSpeedEngineSpec(TorchEngineSpec):
     profile_alltoall: bool = False
     timeout_s: float = 600.0
 
-    def __call__(self, group: GroupContext | None = None) -> DeepSpeedEngine:  # type: ignore[override]
+    def __call__(self, group: GroupContext | None = None) -> DeepSpeedEngine:
+        """A DeepSpeedEngine for this rank of ``group`` (default: a group of one on 127.0.0.1)."""
         return DeepSpeedEngine(self, group or GroupContext(rank=0, size=1, master_addr="127.0.0.1", master_port=0))
 
 

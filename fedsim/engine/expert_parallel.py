@@ -22,7 +22,7 @@ unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -49,11 +49,13 @@ class SwiGLUExpert(nn.Module):
         self.act_fn = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The expert's output for the rows ``x`` [..., H], in the same shape."""
         # DeepSpeed hands each expert a strided [ep, 1, capacity, H] slice; on it the Linears would
         # fall back to batched matmuls over a broadcast weight (1.5x slower here), on 2-D rows to one mm.
         rows = x.reshape(-1, x.shape[-1])
         gate, up = self.gate_up(rows).chunk(2, dim=-1)
-        return self.down(self.act_fn(gate) * up).view(*x.shape[:-1], -1)
+        out: torch.Tensor = self.down(self.act_fn(gate) * up).view(*x.shape[:-1], -1)
+        return out
 
 
 class ReplayedGate(nn.Module):
@@ -80,6 +82,14 @@ class ReplayedGate(nn.Module):
 
     def forward(self, tokens: torch.Tensor, used_token: Any = None, sparse_routes: bool = True,
                 use_tutel: bool = False) -> tuple[Any, ...]:
+        """The replayed routing in DeepSpeed's gate output, with no auxiliary loss and no token dropped.
+
+        Returns
+        -------
+        tuple
+            A zero auxiliary loss, the capacity, the number of experts, expert ids [k, tokens] and slots
+            [k, tokens] (int32), weights [k, tokens] (float32) and each expert's token count [E].
+        """
         if self._routes is None:
             raise RuntimeError("ReplayedGate: no routing given for this forward pass")
         index, weights = self._routes
@@ -107,12 +117,16 @@ class ExpertParallelExperts(nn.Module):
 
     @property
     def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+        """The E / G experts this rank holds (DeepSpeed's ``deepspeed_experts``), in global expert order."""
+        return cast(nn.ModuleList, self.moe.deepspeed_moe.experts.deepspeed_experts)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The experts' output [T, H] for ``hidden_states`` [T, H] routed as the HF router chose."""
         self.moe.deepspeed_moe.gate.replay(top_k_index, top_k_weights)
         out, _, _ = self.moe(hidden_states)
-        return out
+        return cast(torch.Tensor, out)
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,7 @@ class ExpertShard:
     ep_size: int
 
     def owns(self, entry: LayoutEntry) -> bool:
+        """Whether this rank holds ``entry``'s tensor."""
         return entry.key in self.tensors
 
 
@@ -158,7 +173,8 @@ def shard_experts(model: nn.Module, layout: PayloadLayout, *, ep_size: int, rank
         module = wrapper
         while isinstance(module, ParamWrapper):
             adapter = next(iter(module.lora_A))
-            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            a = cast(torch.Tensor, module.lora_A[adapter].weight)
+            b = cast(torch.Tensor, module.lora_B[adapter].weight)
             projection = _PROJECTIONS[module.parameter_name]
             factors[projection] = (a, b)
             expert_keys[by_id[id(a)]] = (layer, projection, "A")
@@ -170,13 +186,16 @@ def shard_experts(model: nn.Module, layout: PayloadLayout, *, ep_size: int, rank
         rank_r = factors["gate_up"][0].shape[0] // num_experts
         template = SwiGLUExpert(config.hidden_size, fused.down_proj.shape[-1], config.hidden_act)
         inject_adapter_in_model(
-            PeftLoraConfig(r=rank_r, lora_alpha=wrapper.scaling[adapter] * rank_r, target_modules=list(_PROJECTIONS.values())),
+            PeftLoraConfig(
+                r=rank_r, lora_alpha=wrapper.scaling[adapter] * rank_r, target_modules=list(_PROJECTIONS.values())
+            ),
             template,
         )
         moe = MoE(config.hidden_size, template, num_experts=num_experts, ep_size=ep_size,
                   k=spec.top_k(config), drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
         moe.deepspeed_moe.gate = ReplayedGate(num_experts)
         experts = ExpertParallelExperts(moe)
+        expert: Any  # a SwiGLUExpert whose two Linears peft wrapped in LoRA layers
         for local, expert in enumerate(experts.local_experts):
             global_e = first + local
             with torch.no_grad():

@@ -30,7 +30,7 @@ def label_word_scores(logits: torch.Tensor, label_token_ids: torch.Tensor) -> to
 
 
 def token_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) of each scored token: ``logits`` [T, V] predict ``targets`` [T]; float32 [T]."""
+    """The log-likelihood log p(target) of each scored token: ``logits`` [T, V] predict ``targets`` [T]; float32 [T]."""
     return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ class TorchEngineSpec:
     option_score: OptionScore = "sum"
 
     def __call__(self) -> TorchEngine:
+        """The engine this recipe describes, built in the calling process (a worker)."""
         return TorchEngine(self)
 
 
@@ -125,7 +126,8 @@ class TorchEngine:
         self.train_split: EncodedSplit | ChoiceSplit = split.load(spec.train_path)
         self.test_split: EncodedSplit | ChoiceSplit = split.load(spec.test_path)
         self.label_token_ids = torch.tensor(spec.label_token_ids, dtype=torch.long, device=self.device)
-        self._body = self.model.get_base_model()
+        # the HF model under peft's wrapper; its submodules (model, lm_head, encoder) depend on the family
+        self._body = cast(Any, self.model.get_base_model())
         self._seq2seq = bool(getattr(self._body.config, "is_encoder_decoder", False))
         pad = self._body.config.pad_token_id
         self._pad_id = 0 if pad is None else int(pad)  # fills masked positions only: any valid id does
@@ -167,8 +169,8 @@ class TorchEngine:
                 recorder.set_mask(enc_mask * counted, real * counted)
             encoded = self._body.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
             encoded.last_hidden_state = encoded.last_hidden_state.repeat_interleave(n, dim=0)  # one per option
-            out = self._body(encoder_outputs=encoded,
-                             attention_mask=enc_mask.repeat_interleave(n, dim=0), decoder_input_ids=dec_ids, use_cache=False)
+            out = self._body(encoder_outputs=encoded, attention_mask=enc_mask.repeat_interleave(n, dim=0),
+                             decoder_input_ids=dec_ids, use_cache=False)
             rows, cols = real.nonzero(as_tuple=True)
             logits, tokens = out.logits[rows, cols], targets[rows, cols]
         else:
@@ -205,17 +207,21 @@ class TorchEngine:
         if self._seq2seq:
             config = self._body.config
             prompt = attention_mask * (torch.arange(input_ids.shape[1], device=input_ids.device) <= label_pos[:, None])
-            start = torch.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=input_ids.dtype, device=input_ids.device)
+            start = torch.full(
+                (input_ids.shape[0], 1), config.decoder_start_token_id, dtype=input_ids.dtype, device=input_ids.device
+            )
             if recorder is not None:
                 recorder.set_mask(prompt if counted else torch.zeros_like(prompt), torch.full_like(start, int(counted)))
             out = self._body(input_ids=input_ids.masked_fill(prompt == 0, self._pad_id), attention_mask=prompt,
                              decoder_input_ids=start, use_cache=False)
-            return out.logits[:, 0]
+            return cast(torch.Tensor, out.logits[:, 0])
         if recorder is not None:
             recorder.set_mask(attention_mask if counted else torch.zeros_like(attention_mask))
-        hidden = self._body.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self._body.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._body.lm_head(hidden[rows, label_pos])
+        return cast(torch.Tensor, self._body.lm_head(hidden[rows, label_pos]))
 
     def _reg_targets(self, instructions: ClientInstructions) -> tuple[torch.Tensor, torch.Tensor]:
         """p_g [L, E] and α [L, E] (ones when not sent) as tensors on the model's device."""
@@ -224,7 +230,9 @@ class TorchEngine:
             return p_g, torch.ones_like(p_g)
         return p_g, torch.tensor(instructions.alpha, dtype=torch.float32, device=self.device)
 
-    def _loss(self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def _loss(
+        self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
         """Cross-entropy of the label word: over the label words only, or over the whole vocabulary."""
         if self.spec.train.loss == "label_words":
             return F.cross_entropy(label_word_scores(logits, self.label_token_ids), label, reduction=reduction)
@@ -254,7 +262,9 @@ class TorchEngine:
             payload = payload.copy()
             a, b = self.layout.expert_block
             if instructions.personal.shape != (b - a,):
-                raise ClientFailure(cid, rnd, f"personal experts have shape {instructions.personal.shape}, layout needs ({b - a},)")
+                raise ClientFailure(
+                    cid, rnd, f"personal experts have shape {instructions.personal.shape}, layout needs ({b - a},)"
+                )
             payload[a:b] = instructions.personal
         self._load(payload)
         on_gpu = self.device.type == "cuda"
@@ -275,7 +285,9 @@ class TorchEngine:
         regularise = instructions.reg_lambda > 0 and instructions.p_g is not None
         if regularise:
             p_g, alpha = self._reg_targets(instructions)
-        hooks = RoutingRecorder(self.model, keep_probs=regularise, collect_stats=during) if during or regularise else None
+        hooks = (
+            RoutingRecorder(self.model, keep_probs=regularise, collect_stats=during) if during or regularise else None
+        )
         with hooks if hooks is not None else contextlib.nullcontext() as recorder, self._profiled() as profile:
             for _ in range(cfg.local_epochs):
                 order = torch.randperm(n, generator=gen).numpy()
@@ -288,21 +300,30 @@ class TorchEngine:
                     total = loss * share
                     if regularise:
                         # FedAlign-MoE: L = L_task + λ·L_reg toward p_g (spec, Module 1 regularisation).
-                        reg = routing_regulariser(recorder.probs, recorder.masks, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg)
+                        assert recorder is not None  # regularise: hooks record the probabilities
+                        reg = routing_regulariser(
+                            recorder.probs, recorder.masks, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg
+                        )
                         total = total + instructions.reg_lambda * reg
                     if anchor is not None:
                         # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
-                        prox = sum(w * ((p - a) ** 2).sum() for p, a, w in zip(self.trainable, anchor, self._prox_weights, strict=True))
+                        prox = sum(
+                            w * ((p - a) ** 2).sum()
+                            for p, a, w in zip(self.trainable, anchor, self._prox_weights, strict=True)
+                        )
                         total = total + 0.5 * instructions.prox_mu * prox
                     step(total)
-                    batch_loss, batch_seen = self._sum([loss.item() * len(batch) * (share > 0), len(batch) * (share > 0)])
+                    batch_loss, batch_seen = self._sum(
+                        [loss.item() * len(batch) * (share > 0), len(batch) * (share > 0)]
+                    )
                     if not np.isfinite(batch_loss):
                         raise ClientFailure(cid, rnd, f"training loss became {batch_loss / batch_seen} at step {steps}")
                     loss_sum += batch_loss
                     self.step_losses.append(batch_loss / batch_seen)
                     seen += int(batch_seen)
                     steps += 1
-            routing = self._sum_stats(recorder.stats()) if during else ()
+            # during: hooks record the statistics, so the recorder is not None
+            routing = self._sum_stats(cast(RoutingRecorder, recorder).stats()) if during else ()
         stats_seconds = 0.0
         if cfg.routing_stats == "after":
             t_stats = time.perf_counter()
@@ -377,8 +398,10 @@ class TorchEngine:
 
     # -- what a worker group (fedsim.engine.deepspeed_engine) does differently -----------------------
     def _place(self) -> None:
-        """Move the adapted model to its device (the layout and initial payload are read before); a quantized
-        base was placed as it loaded."""
+        """Move the adapted model to its device (the layout and initial payload are read before).
+
+        A quantized base was placed as it loaded.
+        """
         if self.spec.quantization == "none":
             self.model.to(self.device)
 
@@ -397,7 +420,7 @@ class TorchEngine:
 
         def step(total: torch.Tensor) -> None:
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            total.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
             optimizer.step()
@@ -412,7 +435,7 @@ class TorchEngine:
         return {}
 
     def _my_rows(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
-        """This process's rows of a batch, and the factor that makes its mean loss a share of the batch's."""
+        """The rows of a batch this process computes, and the factor that makes its mean loss a share of the batch's."""
         return rows, 1.0
 
     def _sum(self, values: list[float]) -> list[float]:

@@ -32,8 +32,9 @@ the flags ``use_experts_implementation`` sets (transformers 5.17–5.22).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,10 @@ class RoutedExpertLora(ParamWrapper):
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The experts' output for ``x`` and ``args`` = (top_k_index, top_k_weights), LoRA on the routed rows.
+
+        Falls back to peft's own forward whenever the routed computation would not be what peft computes.
+        """
         factors = _active_factors(self, args, kwargs)
         if factors is None:
             return super().forward(x, *args, **kwargs)
@@ -113,14 +118,15 @@ def routed_experts_forward(
     """
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])
-    num_experts = experts.gate_up_proj.shape[0]
+    # the fused expert weights [E, 2I, H] and [E, H, I] (nn.Module types its attributes as Tensor | Module)
+    w_up, w_down = cast(torch.Tensor, experts.gate_up_proj), cast(torch.Tensor, experts.down_proj)
+    num_experts = w_up.shape[0]
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host read per layer
-    tokens = (order // k).split(counts)
-    weights = top_k_weights.reshape(-1)[order].split(counts)
-    w_up, w_down = experts.gate_up_proj, experts.down_proj
+    tokens = torch.split(order // k, counts)
+    weights = torch.split(top_k_weights.reshape(-1)[order], counts)
     autocast = torch.is_autocast_enabled(hidden.device.type)
     up, down = factors.get("gate_up_proj"), factors.get("down_proj")
     out: torch.Tensor | None = None
@@ -157,9 +163,10 @@ def _gate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The experts' gating of a gate/up projection [n, 2I] → [n, I]: act(gate) · up."""
     apply_gate = getattr(experts, "_apply_gate", None)
     if apply_gate is not None:
-        return apply_gate(h)
+        return cast(torch.Tensor, apply_gate(h))
     gate, up = h.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+    act_fn = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
+    return act_fn(gate) * up
 
 
 def _wrappers(module: nn.Module) -> list[ParamWrapper]:
@@ -219,9 +226,9 @@ def _active_factors(outer: ParamWrapper, args: tuple[Any, ...], kwargs: dict[str
 
 def _expert_views(wrapper: ParamWrapper, adapter: str) -> _Factors:
     """Expert e's A_e = A[e·r:(e+1)·r] and B_e = B.reshape(d_out, r, E)[:, :, e], as views of peft's factors."""
-    a = wrapper.lora_A[adapter].weight  # [r·E, d_in], expert-major
-    b = wrapper.lora_B[adapter].weight  # [d_out, r·E], expert-minor
-    num_experts = wrapper.num_experts
+    a = cast(torch.Tensor, wrapper.lora_A[adapter].weight)  # [r·E, d_in], expert-major
+    b = cast(torch.Tensor, wrapper.lora_B[adapter].weight)  # [d_out, r·E], expert-minor
+    num_experts = cast(int, wrapper.num_experts)
     return _Factors(
         a=a.view(num_experts, -1, a.shape[-1]).unbind(0),
         b=b.view(b.shape[0], -1, num_experts).unbind(2),

@@ -27,6 +27,7 @@ tensor inside expert e's module is an entry of expert e as it stands.
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import numpy as np
 import torch
@@ -119,9 +120,9 @@ def _expert_tensors(model: nn.Module) -> _ExpertTensors:
     for layer, module in enumerate(spec.experts_modules(model)):
         while isinstance(module, ParamWrapper):  # one wrapper per targeted tensor, nested
             for adapter in module.lora_A:
-                a = module.lora_A[adapter].weight  # [r·E, d_in]
-                b = module.lora_B[adapter].weight  # [d_out, r·E]
-                r = a.shape[0] // module.num_experts
+                a = cast(torch.Tensor, module.lora_A[adapter].weight)  # [r·E, d_in]
+                b = cast(torch.Tensor, module.lora_B[adapter].weight)  # [d_out, r·E]
+                r = a.shape[0] // cast(int, module.num_experts)
                 out[id(a)] = (layer, 0, (r, a.shape[1]))
                 out[id(b)] = (layer, 2, (b.shape[0], r))
             module = module.base_layer
@@ -159,6 +160,7 @@ def _entry_view(param: nn.Parameter, entry: LayoutEntry) -> torch.Tensor:
         if entry.axis is None:
             return param.view(entry.shape)
         expert_view = param.view(*entry.shape[: entry.axis], -1, *entry.shape[entry.axis :])
+        # arg-type: start and stop are int | None in LayoutEntry, and set whenever axis is
         return expert_view.narrow(entry.axis, int(entry.start), int(entry.stop) - int(entry.start))  # type: ignore[arg-type]
     except (RuntimeError, IndexError) as exc:
         raise LayoutMismatch(

@@ -88,7 +88,8 @@ def apply_lora(
         raise ConfigError(f"model.lora.dropout: {dropout} is outside [0, 1)")
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        # peft annotates lora_alpha as int but takes any number (scaling = lora_alpha / r)
+        lora_alpha=alpha,  # type: ignore[arg-type]
         lora_dropout=0.0,  # set per attention adapter below; ParamWrapper rejects any other value
         target_modules=_target_modules(spec, lora_attention=lora_attention, lora_experts=lora_experts),
         target_parameters=list(spec.target_parameters) if lora_experts and spec.fused_experts else None,
@@ -113,15 +114,19 @@ def apply_lora(
 
 
 def _target_modules(spec: FamilySpec, *, lora_attention: bool, lora_experts: bool) -> list[str] | str | None:
-    """peft's ``target_modules``: the attention projections by name, plus, for a family with one module per
-    expert, a full-match regex over each expert's projections (the dense layers' FFNs share their names)."""
+    """The ``target_modules`` option of peft's LoraConfig for ``spec``.
+
+    The attention projections by name, plus, for a family with one module per expert, a full-match regex over
+    each expert's projections (the dense layers' FFNs share their names).
+    """
     if not spec.expert_linears:
         return list(spec.attention_projections) if lora_attention else None
     patterns = []
     if lora_attention:
         patterns.append(rf".*\.({'|'.join(spec.attention_projections)})")
     if lora_experts:
-        patterns.append(rf".*\.{spec.moe_block.split('.')[-1]}\.{spec.experts}\.[^.]+\.({'|'.join(spec.expert_linears)})")
+        block = spec.moe_block.split(".")[-1]
+        patterns.append(rf".*\.{block}\.{spec.experts}\.[^.]+\.({'|'.join(spec.expert_linears)})")
     return "|".join(f"(?:{p})" for p in patterns)
 
 
@@ -142,4 +147,5 @@ def _adapt_shared_experts(peft_model: PeftModel, config: LoraConfig) -> None:
             parent = reduce(getattr, parents, block)
             target = getattr(parent, name)
             if isinstance(target, nn.Linear) and not isinstance(target, LoraLinear):
-                setattr(parent, name, LoraLinear(target, adapter, config=config, r=config.r, lora_alpha=config.lora_alpha))
+                adapted = LoraLinear(target, adapter, config=config, r=config.r, lora_alpha=config.lora_alpha)
+                setattr(parent, name, adapted)

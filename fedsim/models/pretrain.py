@@ -54,7 +54,10 @@ def pretrain_lm(
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     half = blocks.shape[1] // 2
     losses: list[float] = []
-    columns = (TextColumn("pretrain base"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("pretrain base"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
         task = bar.add_task("pretrain", total=steps, loss=float("nan"))
         for step in range(steps):
@@ -73,5 +76,5 @@ def pretrain_lm(
                 bar.update(task, completed=step + 1, loss=float(np.mean(losses[-20:])))
             if (step + 1) % max(steps // 10, 1) == 0:
                 log.info("pretrain step %d/%d loss %.3f", step + 1, steps, float(np.mean(losses[-50:])))
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves PreTrainedModel.eval unannotated
     return losses

@@ -28,7 +28,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from peft import PeftModel
@@ -164,7 +164,7 @@ class FamilySpec:
         return int(getattr(config, self.num_experts_key))
 
     def top_k(self, config: PretrainedConfig) -> int:
-        """k of the top-k routing (1 for a top-1 family)."""
+        """The k of the top-k routing: experts per token (1 for a top-1 family)."""
         return 1 if self.top_k_key is None else int(getattr(config, self.top_k_key))
 
     @property
@@ -176,8 +176,10 @@ class FamilySpec:
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FUSED = ("gate_up_proj", "down_proj")
 
-def _fused_family(model_type: str, config_class: type[PretrainedConfig], num_experts_key: str, expert_intermediate_key: str,
-                  *, attention: tuple[str, ...] = _ATTENTION, **extra: Any) -> FamilySpec:
+def _fused_family(
+    model_type: str, config_class: type[PretrainedConfig], num_experts_key: str, expert_intermediate_key: str,
+    *, attention: tuple[str, ...] = _ATTENTION, **extra: Any,
+) -> FamilySpec:
     """A family laid out as the module docstring describes (every family here)."""
     return FamilySpec(
         model_type=model_type, config_class=config_class, layers=("model.layers",), moe_block="mlp", router="gate",
@@ -192,9 +194,12 @@ def _shared_expert_width(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deepseek_small(options: dict[str, Any]) -> dict[str, Any]:
-    """DeepSeek-V2/V3 built from the generic options: multi-head latent attention sized from the head width
-    (its keys and values have one head per query head, so ``num_kv_heads`` does not apply), one shared expert
-    as wide as a routed one, every layer MoE, one routing group."""
+    """DeepSeek-V2/V3's config options derived from the generic ones.
+
+    Multi-head latent attention sized from the head width (its keys and values have one head per query head,
+    so ``num_kv_heads`` does not apply), one shared expert as wide as a routed one, every layer MoE, one
+    routing group.
+    """
     head = options["hidden_size"] // options["num_attention_heads"]
     rope = max(2, (head // 2) // 2 * 2)  # even, for the rotary embedding
     return {
@@ -206,9 +211,12 @@ def _deepseek_small(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _switch_small(options: dict[str, Any]) -> dict[str, Any]:
-    """SwitchTransformers built from the generic options: as many decoder layers as encoder layers, every
-    block sparse, key/value width from the head width, no jitter, dropout or token dropping (capacity covers
-    a whole sequence), so a built model's outputs do not depend on train/eval mode or batch composition."""
+    """SwitchTransformers' config options derived from the generic ones.
+
+    As many decoder layers as encoder layers, every block sparse, key/value width from the head width, no
+    jitter, dropout or token dropping (capacity covers a whole sequence), so a built model's outputs do not
+    depend on train/eval mode or batch composition.
+    """
     layers = options["num_hidden_layers"]
     return {  # the sparse steps are derived in __init__, before the attribute map applies the generic names
         "num_layers": layers, "d_model": options["hidden_size"], "num_heads": options["num_attention_heads"],
@@ -269,7 +277,8 @@ def family_spec(name: str) -> FamilySpec:
 
 def family_of(model: nn.Module) -> FamilySpec:
     """The spec of a built or loaded model (plain or peft-wrapped), from its ``config.model_type``."""
-    return family_spec(_unwrap(model).config.model_type)
+    config = cast(PretrainedConfig, _unwrap(model).config)  # nn.Module types its attributes as Tensor | Module
+    return family_spec(config.model_type)
 
 
 def build_model(
@@ -307,7 +316,7 @@ def build_model(
         raise ConfigError(f"model.top_k: {top_k} is outside 1..num_experts={num_experts}")
     if spec.top_k_key is None and top_k != 1:
         raise ConfigError(f"model.top_k: {family} routes each token to one expert (top-1), got {top_k}")
-    options = {
+    options: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
@@ -326,8 +335,12 @@ def build_model(
     config = spec.config_class(**options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(config).from_config(config, dtype=torch.float32)
-    return model.eval()
+        # transformers leaves the auto classes' from_config unannotated
+        model: PreTrainedModel = model_class(config).from_config(  # type: ignore[no-untyped-call]
+            config, dtype=torch.float32
+        )
+    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves PreTrainedModel.eval unannotated
+    return model
 
 
 def model_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]:
@@ -431,7 +444,7 @@ def _quantized(spec: FamilySpec, quantization: Quantization, device: str) -> dic
     from transformers import BitsAndBytesConfig
 
     skip = ["lm_head", spec.router]  # bitsandbytes leaves modules whose names contain these in full precision
-    config = BitsAndBytesConfig(
+    config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
         load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip,
     )

@@ -118,7 +118,9 @@ class RoutingRecorder:
             self._handles.append(router.register_forward_hook(self._hook(layer)))
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -140,6 +142,7 @@ class RoutingRecorder:
 
     @property
     def masks(self) -> list[torch.Tensor | None]:
+        """Per MoE layer, the flattened boolean mask [tokens] of its stack (True = real token), as last set."""
         return [self._stack_masks[stack] for stack in self._stacks]
 
     def reset(self) -> None:
@@ -171,9 +174,11 @@ class RoutingRecorder:
         return hook
 
     def _accumulate(self, layer: int, x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor | None) -> None:
-        """Add one batch's tokens x [tokens, H] with probabilities p [tokens, E] and the router's choices
-        to layer ``layer``'s sums. Choices: indices [tokens, k], a boolean dispatch mask [tokens, E] (a token
-        dropped for capacity has none), or None for the top-k of p."""
+        """Add one batch to layer ``layer``'s sums: tokens x [tokens, H], probabilities p [tokens, E], choices.
+
+        The router's choices: indices [tokens, k], a boolean dispatch mask [tokens, E] (a token dropped for
+        capacity has none), or None for the top-k of p.
+        """
         mask = self._stack_masks[self._stacks[layer]]
         if mask is not None:
             if mask.numel() != x.shape[0]:

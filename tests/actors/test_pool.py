@@ -38,7 +38,8 @@ def test_clients_capped_at_local_steps_weigh_what_they_train_not_what_they_hold(
 def test_client_work_counts_epochs_the_step_cap_and_the_statistics_pass() -> None:
     assert TrainConfig(local_epochs=2, routing_stats="off").client_work(30) == 60
     assert TrainConfig(local_epochs=2, local_steps=3, batch_size=8, routing_stats="off").client_work(30) == 24
-    assert TrainConfig(local_steps=3, batch_size=8, routing_stats="off").client_work(10) == 10  # fewer rows than the cap
+    # fewer rows than the cap
+    assert TrainConfig(local_steps=3, batch_size=8, routing_stats="off").client_work(10) == 10
     assert TrainConfig(routing_stats="after").client_work(30) == 45  # one forward pass over 30 ≈ 15 training rows
 
 

@@ -23,8 +23,10 @@ def _make_reader(client_id: int, round_idx: int, n_examples: int, delta: Sequenc
 
 @pytest.fixture(scope="session")
 def make_reader() -> Callable[..., ArrayReader]:
-    """Factory ``make_reader(client_id, round_idx, n_examples, delta)``: an in-memory
-    reader over a ClientUpdate with a float32 copy of ``delta`` and no routing stats."""
+    """Factory ``make_reader(client_id, round_idx, n_examples, delta)`` of in-memory update readers.
+
+    Each reader is over a ClientUpdate with a float32 copy of ``delta`` and no routing stats.
+    """
     return _make_reader
 
 

@@ -398,7 +398,8 @@ class TestFailure:
         strategy = FedAlignMoE(layout, FedAlignOptions(expert_agg="personalized"))
 
         # Execute
-        result = _run(strategy, layout.zeros(), [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])])
+        result = _run(strategy, layout.zeros(),
+                      [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])])
 
         # Assert: views — expert 0: (1 + 3)/2 for both; expert 1: γ_01 = 0, each keeps its own θ
         block = layout.expert_block[0]

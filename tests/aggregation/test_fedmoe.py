@@ -25,12 +25,14 @@ def _layout() -> PayloadLayout:
 
 def _reader(cid: int, n: int, delta, counts) -> ArrayReader:
     c = np.asarray(counts, dtype=np.float64)
-    stats = RoutingStats(n_tokens=int(c.sum()), p_sum=c.copy(), counts=c, margin_sum=np.zeros(E), x_sum=np.zeros((E, 1)))
+    stats = RoutingStats(n_tokens=int(c.sum()), p_sum=c.copy(), counts=c, margin_sum=np.zeros(E),
+                         x_sum=np.zeros((E, 1)))
     return ArrayReader(ClientUpdate(cid, 1, n, np.asarray(delta, dtype=np.float32), (stats,)))
 
 
 def _run(strategy, readers, base=None):
-    strategy.begin(np.zeros(strategy.layout.total, np.float32) if base is None else np.asarray(base, np.float32), round_idx=1)
+    strategy.begin(np.zeros(strategy.layout.total, np.float32) if base is None else np.asarray(base, np.float32),
+                   round_idx=1)
     for r in readers:
         strategy.add(r)
     return strategy.finish()
@@ -117,7 +119,8 @@ def test_usage_proportional_to_n_equals_fedavg(clients, k):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    clients=st.lists(st.tuples(st.integers(1, 9), _deltas, st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=5),
+    clients=st.lists(st.tuples(st.integers(1, 9), _deltas, st.integers(0, 5), st.integers(0, 5)),
+                     min_size=1, max_size=5),
     seed=st.integers(0, 1000),
 )
 def test_client_order_changes_nothing(clients, seed):

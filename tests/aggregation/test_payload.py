@@ -203,15 +203,6 @@ class TestPayloadLayoutQueries:
         assert [e.key for e in layout.select(layer=1)] == ["l1.gate.weight", "l1.experts.lora_A[expert=0]"]
         assert len(layout.select()) == 9
 
-    def test_role_bytes_counts_float32_bytes_per_class_when_layout_is_mixed(self, layout):
-        # Execute
-        by_class = layout.role_bytes()
-
-        # Assert: shared 5 values, routers 14 values, all 31 values
-        assert by_class["shared"] == 20
-        assert by_class["router"] == 56
-        assert sum(by_class.values()) == layout.nbytes
-
     def test_zeros_returns_a_float32_buffer_of_the_layout_size(self, layout):
         # Execute
         buf = layout.zeros()

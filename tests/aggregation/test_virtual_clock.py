@@ -50,13 +50,15 @@ def test_over_selected_samples_ceil_k_times_one_plus_r_within_the_online():
 def test_random_profiles_slow_down_a_seeded_share_of_clients():
     profiles = random_profiles(10, seed=1, slow_fraction=0.3, slow_factor=5.0, uplink_bps=1e6)
     slow = [c for c, p in profiles.items() if p.speed_factor == 5.0]
-    assert len(slow) == 3 and slow == [c for c, p in random_profiles(10, seed=1, slow_fraction=0.3, slow_factor=5.0).items()
-                                       if p.speed_factor == 5.0]
+    assert len(slow) == 3 and slow == [
+        c for c, p in random_profiles(10, seed=1, slow_fraction=0.3, slow_factor=5.0).items() if p.speed_factor == 5.0
+    ]
     assert all(p.uplink_bps == 1e6 and math.isinf(p.downlink_bps) for p in profiles.values())
 
 
 def test_availability_is_seeded_per_round_and_respects_the_probability():
-    a, b = available(1000, round_idx=3, seed=0, probability=0.25), available(1000, round_idx=3, seed=0, probability=0.25)
+    a, b = (available(1000, round_idx=3, seed=0, probability=0.25),
+            available(1000, round_idx=3, seed=0, probability=0.25))
     assert a == b and 200 < len(a) < 300
     assert a != available(1000, round_idx=4, seed=0, probability=0.25)
     assert available(5, round_idx=1, seed=0, probability=1.0) == [0, 1, 2, 3, 4]

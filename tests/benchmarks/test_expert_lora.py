@@ -10,9 +10,11 @@ from benchmarks.expert_lora import QUICK, adapted, batch_of, loss_of, measure, s
 
 @pytest.mark.parametrize("model", list(QUICK))
 def test_step_flops_equal_the_matmuls_the_routed_step_executes(model: str) -> None:
-    """The benchmark's arithmetic (the tokens' matmuls, forward and backward) is what torch's FLOP counter sees
-    the routed path run (torch does not count CPU attention, so that part is left out): the count is right,
-    and the routed path computes nothing beyond the routed rows."""
+    """The benchmark's arithmetic (the tokens' matmuls, forward and backward) is what torch's FLOP counter sees.
+
+    That is, what it sees the routed path run (torch does not count CPU attention, so that part is left out): the
+    count is right, and the routed path computes nothing beyond the routed rows.
+    """
     # Prepare
     routed = adapted(QUICK[model], "routed")
     routed.train()

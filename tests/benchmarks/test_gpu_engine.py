@@ -1,4 +1,4 @@
-"""The GPU engine benchmark runs end to end on the tiny shape (on CPU here), so the device check is not its first run."""
+"""The GPU engine benchmark runs end to end on the tiny shape (on CPU here): the device check is not its first run."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_gpu_engine_benchmark_prints_its_table_on_the_tiny_shape() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "benchmarks/gpu_engine.py", "--shape", "tiny", "--steps", "2", "--warmup", "1"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "benchmarks/gpu_engine.py", "--shape", "tiny", "--steps", "2",
+                          "--warmup", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     values = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip() and " " in line.strip())
     assert float(values["tokens_per_s"]) > 0

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_precision_benchmark_compares_fp32_bf16_and_quantized_bases(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "benchmarks/gpu_precision.py", "--shape", "tiny", "--steps", "3",
-                          "--csv", str(tmp_path / "t.csv")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "--csv", str(tmp_path / "t.csv")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cosine_to_fp32" in out.stdout
     table = pd.read_csv(tmp_path / "t.csv")

@@ -1,4 +1,7 @@
-"""The ablation table's summary columns on hand-made accuracy curves; which runs the grid reuses, continues or refuses."""
+"""The ablation table's summary columns on hand-made accuracy curves, and what the grid does with existing runs.
+
+Which runs the grid reuses (completed), continues (interrupted, with a checkpoint) or refuses (without one).
+"""
 
 from __future__ import annotations
 
@@ -66,8 +69,10 @@ class TestRunOnce:
     def calls(self, monkeypatch) -> list[str]:
         calls: list[str] = []
         rounds = pd.DataFrame({"round": [1], "test_accuracy": [0.5]})
-        monkeypatch.setattr(paper_ablation, "run", lambda cfg, out: calls.append(f"run {out.name}") or SimpleNamespace(rounds=rounds))
-        monkeypatch.setattr(paper_ablation, "resume", lambda out: calls.append(f"resume {out.name}") or SimpleNamespace(rounds=rounds))
+        monkeypatch.setattr(paper_ablation, "run",
+                            lambda cfg, out: calls.append(f"run {out.name}") or SimpleNamespace(rounds=rounds))
+        monkeypatch.setattr(paper_ablation, "resume",
+                            lambda out: calls.append(f"resume {out.name}") or SimpleNamespace(rounds=rounds))
         return calls
 
     def _dir(self, runs: Path, calls: list[str]) -> Path:

@@ -1,5 +1,8 @@
-"""What `fedsim run` prints, seen as a user sees it: a subprocess on its own embedded Ray, a fresh cache (so the
-base is built, and transformers' save_pretrained imports deepspeed), workers that Ray may restart."""
+"""What `fedsim run` prints, seen as a user sees it.
+
+A subprocess on its own embedded Ray, a fresh cache (so the base is built, and transformers' save_pretrained
+imports deepspeed), workers that Ray may restart.
+"""
 
 from __future__ import annotations
 

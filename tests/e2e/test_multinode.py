@@ -1,5 +1,6 @@
-"""Several Ray nodes on 127.0.0.1 (``ray.cluster_utils.Cluster``): workers and worker groups land on two
-nodes and the run's metrics equal a one-node run's.
+"""Several Ray nodes on 127.0.0.1 (``ray.cluster_utils.Cluster``): a run across them equals a one-node run.
+
+Workers and worker groups land on two nodes and the run's metrics equal a one-node run's.
 
 The cluster runs in a child process: this test session already holds an embedded Ray.
 """
@@ -67,5 +68,7 @@ def test_workers_on_two_nodes_give_the_one_node_metrics(tiny_config, tmp_path: P
     assert result["multi-deepspeed"]["nodes"] == 2
     assert result["multi-torch"]["rounds"] == result["single"]["rounds"]
     assert result["multi-deepspeed"]["rounds"]["clients_completed"] == result["single"]["rounds"]["clients_completed"]
-    assert result["multi-deepspeed"]["rounds"]["train_loss"] == pytest.approx(result["single"]["rounds"]["train_loss"], rel=1e-4)
+    assert result["multi-deepspeed"]["rounds"]["train_loss"] == pytest.approx(
+        result["single"]["rounds"]["train_loss"], rel=1e-4
+    )
 

@@ -1,5 +1,6 @@
-"""A run stopped mid-way (its driver killed, or a worker lost) and continued with ``fedsim resume`` gives an
-uninterrupted run's tables and final payload, bit for bit.
+"""A stopped run continued with ``fedsim resume`` gives an uninterrupted run's tables and final payload, bit for bit.
+
+The run is stopped mid-way: its driver killed, or a worker lost.
 
 Each stopped run is a ``fedsim run`` child process checkpointing every 2 rounds and stopped once round 3's row
 is on disk: the tables then hold a round past the checkpoint, which the resume must cut back and redo.
@@ -47,15 +48,21 @@ def _fedsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 
 
 def _rounds_on_disk(run_dir: Path) -> list[int]:
-    """The rounds in rounds.parquet. The run replaces it atomically after each round, but pyarrow opens a path
-    more than once (footer, then pages): read its bytes in one go, or a replace in between mixes two files."""
+    """The rounds in rounds.parquet.
+
+    The run replaces it atomically after each round, but pyarrow opens a path more than once (footer, then pages):
+    read its bytes in one go, or a replace in between mixes two files.
+    """
     path = run_dir / "rounds.parquet"
     return pd.read_parquet(io.BytesIO(path.read_bytes()))["round"].tolist() if path.exists() else []
 
 
 def _run_and_stop(cfg: RunConfig, run_dir: Path, stop: Callable[[subprocess.Popen[bytes]], None]) -> int:
-    """``fedsim run`` in a child process (its own session, its own embedded Ray); ``stop(child)`` once round
-    ``STOP_AFTER``'s row is on disk; the child's exit status."""
+    """The exit status of ``fedsim run`` in a child process that ``stop(child)`` stops after round ``STOP_AFTER``.
+
+    The child has its own session and its own embedded Ray; ``stop(child)`` is called once round ``STOP_AFTER``'s
+    row is on disk.
+    """
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     child = subprocess.Popen([sys.executable, "-m", "fedsim", "run", "--config", str(config), "--out", str(run_dir)],
@@ -107,8 +114,10 @@ def _assert_resumed_exactly(stopped: Path, full: Path) -> None:
 def test_a_killed_run_resumed_from_the_cli_gives_the_uninterrupted_run(
     ray_session: None, tiny_config: Callable[..., RunConfig], tmp_path: Path, state: tuple[str, ...]
 ) -> None:
-    """State carried across rounds (sampler, FedAlign-MoE's p_g and α, PFL-MoE's personal experts,
-    error-feedback residuals) must come back from the checkpoint; rows written after it must be redone."""
+    """State carried across rounds must come back from the checkpoint; rows written after it must be redone.
+
+    That state: the sampler, FedAlign-MoE's p_g and α, PFL-MoE's personal experts, error-feedback residuals.
+    """
     # Prepare
     cfg = tiny_config(*STOPPED, *state)
     run(cfg, out=tmp_path / "full")
@@ -123,8 +132,11 @@ def test_a_killed_run_resumed_from_the_cli_gives_the_uninterrupted_run(
 def test_a_run_failed_by_a_lost_worker_is_resumed_unchanged(
     ray_session: None, tiny_config: Callable[..., RunConfig], tmp_path: Path
 ) -> None:
-    """The user's story: a worker's node dies, the run stops as failed (workers.on_client_failure: stop, no
-    restarts), and the user resumes it as it is, config untouched, once the cluster is whole again."""
+    """The user's story: a worker's node dies, the run stops as failed, and the user resumes it as it is.
+
+    The run stops as failed under workers.on_client_failure: stop, with no restarts; the user resumes it with its
+    config untouched, once the cluster is whole again.
+    """
     # Prepare
     cfg = tiny_config(*STOPPED, "workers.on_client_failure=stop", "workers.max_restarts=0",
                       "workers.max_task_retries=0")

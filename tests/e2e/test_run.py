@@ -42,7 +42,9 @@ def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) ->
     for name in ("config.yaml", "manifest.json", "rounds.parquet", "rounds.csv", "clients.csv", "run.log"):
         assert (d / name).is_file(), name
     for name in ("clients", "comm", "routing"):  # grown by one part per round, never rewritten
-        assert sorted(p.name for p in (d / f"{name}.parquet").iterdir()) == ["round-000001.parquet", "round-000002.parquet"]
+        assert sorted(p.name for p in (d / f"{name}.parquet").iterdir()) == [
+            "round-000001.parquet", "round-000002.parquet"
+        ]
     assert len(pd.read_csv(d / "clients.csv")) == 12
     assert json.loads((d / "status.json").read_text())["status"] == "completed"
     manifest = json.loads((d / "manifest.json").read_text())
@@ -58,7 +60,8 @@ def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) ->
     assert (rounds["clients_completed"] == 6).all()
     clients = pd.read_parquet(d / "clients.parquet")
     assert len(clients) == 12
-    assert set(clients.columns) >= {"round", "client", "n_examples", "train_loss", "compute_s", "bytes_down", "bytes_up"}
+    assert set(clients.columns) >= {"round", "client", "n_examples", "train_loss", "compute_s", "bytes_down",
+                                    "bytes_up"}
     assert (clients["compute_s"] > 0).all() and (clients["bytes_up"] > clients["bytes_down"]).all()
     assert ((clients["stats_s"] > 0) & (clients["stats_s"] < clients["compute_s"])).all()
     assert all(math.isfinite(v) for v in clients["train_loss"])
@@ -111,7 +114,8 @@ def test_run_pfl_moe_keeps_experts_on_returning_clients(ray_session, tiny_config
     down = clients.pivot(index="client", columns="round", values="bytes_down")
     assert (down[2] < down[1]).all()
     comm = result.comm
-    expert_down = comm[(comm["payload_class"] == "expert") & (comm["direction"] == "down")].groupby("round")["bytes"].sum()
+    expert_down = (comm[(comm["payload_class"] == "expert") & (comm["direction"] == "down")]
+                   .groupby("round")["bytes"].sum())
     assert expert_down[1] > 0 and expert_down[2] == 0
 
 
@@ -136,8 +140,10 @@ def test_a_client_that_keeps_failing_is_dropped_and_logged(ray_session, tiny_con
 
 
 class _KillOneWorker(Callback):
-    """SIGKILLs, once, this run's worker that is inside ``train`` for a client of round ``round_idx`` (or, if
-    none is seen there, a later round); then watches for the process Ray restarts it in.
+    """A callback that SIGKILLs, once, one of this run's workers inside ``train``, then finds its restarted process.
+
+    The worker killed is one inside ``train`` for a client of round ``round_idx`` (or, if none is seen there, a
+    later round); the callback then watches for the process Ray restarts it in.
 
     Only the run's own workers are candidates (their pids from ``placement.csv``), and a worker counts as busy
     only while Ray's process title names the method it runs (``ray::ClientWorker.train``). The restarted worker
@@ -192,9 +198,11 @@ def _title(proc: psutil.Process) -> str:
 def test_a_worker_killed_mid_round_is_restarted_and_the_metrics_match_a_clean_run(
     ray_session: None, tiny_config: Callable[..., RunConfig], tmp_path: Path
 ) -> None:
-    """Ray restarts a dead worker and retries the client it was training (workers.max_restarts and
-    max_task_retries); client seeds depend only on (seed, round, client), so the run must come out bit for bit
-    as if nothing had happened."""
+    """Ray restarts a dead worker and retries the client it was training, and the run is unchanged bit for bit.
+
+    The restart and retry: workers.max_restarts and max_task_retries. Client seeds depend only on (seed, round,
+    client), so the run must come out bit for bit as if nothing had happened.
+    """
     # Prepare: rounds long enough (5 local epochs) for the kill to find a worker inside train; FedAlign-MoE, so
     # that its own columns and cross-round state are compared too
     overrides = ("rounds=3", "train.local_epochs=5", "strategy.name=fedalign_moe", *EXACT)
@@ -248,15 +256,16 @@ def test_report_and_compare_draw_every_plot_and_embed_it(ray_session, tiny_confi
     compared = compare([a, b], tmp_path / "cmp")
 
     # Assert: every PNG exists, is a real image, and the page embeds each one
-    names = {"accuracy", "accuracy_vs_time", "accuracy_vs_bytes", "bytes_by_class", "expert_utilisation", "client_weights", "fedalign",
-             "failures"}
+    names = {"accuracy", "accuracy_vs_time", "accuracy_vs_bytes", "bytes_by_class", "expert_utilisation",
+             "client_weights", "fedalign", "failures"}
     pngs = {p.stem: p for p in (b / "report").glob("*.png")}
     assert set(pngs) == names
     text = page.read_text()
     for p in pngs.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
         assert f"alt='{p.name}'" in text
-    assert "compare_accuracy.png" in compared.read_text() and (tmp_path / "cmp" / "compare_accuracy.png").stat().st_size > 5000
+    assert ("compare_accuracy.png" in compared.read_text()
+            and (tmp_path / "cmp" / "compare_accuracy.png").stat().st_size > 5000)
     routing = pd.read_parquet(b / "routing.parquet")
     assert len(routing) == 2 * 2 * 4 and np.allclose(routing.groupby(["round", "layer"])["p_bar_mean"].sum(), 1.0)
 
@@ -281,10 +290,12 @@ def test_a_4bit_base_runs_rounds_on_the_workers(ray_session, tiny_config, tmp_pa
     assert result.rounds["bytes_up"].iloc[0] == plain.rounds["bytes_up"].iloc[0]
 
 
-def test_switch_transformers_runs_a_fedalign_moe_round_over_encoder_and_decoder_experts(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_switch_transformers_runs_a_fedalign_moe_round_over_encoder_and_decoder_experts(  # type: ignore[no-untyped-def]
+    ray_session, tiny_config, tmp_path: Path
+) -> None:
     # Execute: encoder-decoder, top-1, text-to-text (the prompt encoded, the label word decoded)
-    result = run(tiny_config("model.family=switch_transformers", "model.top_k=1", "strategy.name=fedalign_moe", "rounds=1"),
-                 out=tmp_path / "switch")
+    result = run(tiny_config("model.family=switch_transformers", "model.top_k=1", "strategy.name=fedalign_moe",
+                             "rounds=1"), out=tmp_path / "switch")
 
     # Assert: 2 encoder + 2 decoder MoE layers, each with its routing statistics and 4 expert slices per client
     assert result.rounds["test_accuracy"].between(0, 1).all() and np.isclose(result.clients["weight"].sum(), 1.0)
@@ -365,7 +376,9 @@ def test_async_buffered_rounds_discount_stale_updates(ray_session, tiny_config, 
             np.testing.assert_allclose(step["weight"], raw / raw.sum(), rtol=1e-6)
 
 
-def test_async_with_buffer_equal_to_cohort_and_no_staleness_is_synchronous_fedavg(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_async_with_buffer_equal_to_cohort_and_no_staleness_is_synchronous_fedavg(  # type: ignore[no-untyped-def]
+    ray_session, tiny_config, tmp_path: Path
+) -> None:
     # Prepare: every client holds 5 examples and computes alike, so a cohort's updates arrive together
     same = ["data.partition=iid", "data.synthetic_docs_per_label=8", "clients_per_round=3", "rounds=3",
             "system.seconds_per_example=0.01"]
@@ -387,7 +400,8 @@ def test_a_fedscale_availability_trace_decides_who_can_be_sampled(ray_session, t
     trace = tmp_path / "behave.pkl"
     trace.write_bytes(pickle.dumps({i: always if i < 4 else never for i in range(6)}))
     # Execute
-    result = run(tiny_config(f"system.availability_trace={trace}", "system.seconds_per_example=0.01"), out=tmp_path / "t")
+    result = run(tiny_config(f"system.availability_trace={trace}", "system.seconds_per_example=0.01"),
+                 out=tmp_path / "t")
     # Assert: only the four online clients, the first round waiting until they come online at 5 s
     assert set(result.clients["client"]) == {0, 1, 2, 3}
     assert (result.rounds["clients_sampled"] == 4).all()
@@ -395,7 +409,9 @@ def test_a_fedscale_availability_trace_decides_who_can_be_sampled(ray_session, t
     assert (result.run_dir / "availability_trace.pkl").read_bytes() == trace.read_bytes()
 
 
-def test_a_hellaswag_file_runs_federated_rounds_partitioned_by_activity(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_hellaswag_file_runs_federated_rounds_partitioned_by_activity(  # type: ignore[no-untyped-def]
+    ray_session, tiny_config, tmp_path: Path
+) -> None:
     # Prepare: a local file in Rowan/hellaswag's schema; one client per activity label is what α → 0 would give
     source = write_hellaswag(tmp_path / "hellaswag.json", per_activity=20)
     cfg = tiny_config("data.format=hellaswag", f"data.source={source}", "data.num_clients=4", "clients_per_round=4",

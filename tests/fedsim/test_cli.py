@@ -1,5 +1,7 @@
-"""The command line: bad input exits 2 with one line naming the field or file, before anything expensive runs,
-and leaves no run behind."""
+"""The command line: bad input exits 2 before anything expensive runs, and leaves no run behind.
+
+Its error is one line naming the field or file.
+"""
 
 from __future__ import annotations
 

@@ -108,9 +108,11 @@ def test_a_missing_profiles_file_names_the_field(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["engine.group_size=2"], "group_size > 1 needs backend 'deepspeed'"),
-        (["engine.backend=deepspeed", "engine.group_size=3"], "^engine.group_size: 3 does not divide model.num_experts=8"),
+        (["engine.backend=deepspeed", "engine.group_size=3"],
+         "^engine.group_size: 3 does not divide model.num_experts=8"),
         (["engine.backend=deepspeed", "lora.experts=false"], "^lora.experts: .*needs lora.experts=true"),
-        (["engine.backend=deepspeed", "workers.gpus_per_worker=0.5"], "^workers.gpus_per_worker: .*whole GPUs per worker"),
+        (["engine.backend=deepspeed", "workers.gpus_per_worker=0.5"],
+         "^workers.gpus_per_worker: .*whole GPUs per worker"),
         (["engine.backend=deepspeed", "engine.precision=bf16"], "^engine.precision: 'bf16' needs GPUs"),
         (["engine.backend=deepspeed", "engine.zero_stage=3"], "engine.zero_stage"),
         (["engine.backend=megatron"], "engine.backend"),
@@ -123,7 +125,9 @@ def test_engine_options_that_cannot_run_are_rejected(overrides: list[str], messa
 
 def test_deepspeed_engine_options_load() -> None:
     cfg = load_config(None, ["engine.backend=deepspeed", "engine.group_size=4", "engine.zero_stage=2"])
-    assert (cfg.engine.backend, cfg.engine.group_size, cfg.engine.zero_stage, cfg.engine.precision) == ("deepspeed", 4, 2, "auto")
+    assert (cfg.engine.backend, cfg.engine.group_size, cfg.engine.zero_stage, cfg.engine.precision) == (
+        "deepspeed", 4, 2, "auto"
+    )
 
 
 def test_tensorboard_without_its_package_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +145,8 @@ def test_tensorboard_without_its_package_names_the_option(monkeypatch: pytest.Mo
     ("overrides", "message"),
     [
         (["system.policy=async", "clients_per_round=4", "system.async_buffer=5"], "^system.async_buffer: 5 exceeds"),
-        (["system.policy=async", "clients_per_round=10", "data.num_clients=10"], "^system.policy: .*needs clients_per_round < data.num_clients"),
+        (["system.policy=async", "clients_per_round=10", "data.num_clients=10"],
+         "^system.policy: .*needs clients_per_round < data.num_clients"),
     ],
 )
 def test_async_options_that_cannot_run_are_rejected(overrides: list[str], message: str) -> None:

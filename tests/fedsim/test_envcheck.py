@@ -34,7 +34,8 @@ def test_check_fails_in_one_line_naming_the_first_missing_pin_when_a_distributio
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Prepare / Execute: one present pin before two absent ones
-    code, err = _check(tmp_path, capsys, f"pytest=={metadata.version('pytest')}\nno-such-dist-fedsim==1.0\nnor-this-one==2\n")
+    code, err = _check(tmp_path, capsys,
+                       f"pytest=={metadata.version('pytest')}\nno-such-dist-fedsim==1.0\nnor-this-one==2\n")
 
     # Assert
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -47,7 +48,8 @@ def test_check_passes_silently_when_every_pin_is_installed_at_its_version(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Prepare / Execute
-    code, err = _check(tmp_path, capsys, f"pytest=={metadata.version('pytest')}\nPyYAML=={metadata.version('PyYAML')}\n")
+    code, err = _check(tmp_path, capsys,
+                       f"pytest=={metadata.version('pytest')}\nPyYAML=={metadata.version('PyYAML')}\n")
 
     # Assert
     assert code == 0 and err == ""
@@ -71,7 +73,7 @@ def test_check_warns_and_passes_when_a_pin_is_installed_at_another_version(
 
 
 def test_check_ignores_the_local_label_when_the_installed_build_carries_one() -> None:
-    """torch here is `2.13.0+cpu`, on a GPU cluster `2.13.0+cu128`: both are the pinned 2.13.0."""
+    """The torch here is `2.13.0+cpu`, on a GPU cluster `2.13.0+cu128`: both are the pinned 2.13.0."""
     # Prepare
     installed = metadata.version("torch")
     public = installed.split("+", 1)[0]

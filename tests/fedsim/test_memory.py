@@ -50,7 +50,8 @@ def test_estimate_grows_with_batch_and_shrinks_with_expert_sharding(base) -> Non
     overrides, path = base
     small = estimate_worker_memory(load_config(None, overrides), path)
     big = estimate_worker_memory(load_config(None, [*overrides, "train.batch_size=8"]), path)
-    sharded = estimate_worker_memory(load_config(None, [*overrides, "engine.backend=deepspeed", "engine.group_size=2"]), path)
+    sharded = estimate_worker_memory(load_config(None, [*overrides, "engine.backend=deepspeed", "engine.group_size=2"]),
+                                     path)
     assert big.activations == pytest.approx(2 * small.activations)
     assert sharded.base < small.base and sharded.activations == pytest.approx(small.activations / 2)
 
@@ -68,16 +69,20 @@ def test_the_driver_refuses_a_packing_of_the_configured_gpu(base) -> None:  # ty
     from fedsim.driver import _check_gpu_memory
 
     overrides, path = base
-    cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001", "progress=false"])
+    cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001",
+                             "progress=false"])
     with pytest.raises(ConfigError, match="workers.gpus_per_worker: 0.5 packs 2 worker"):
         _check_gpu_memory(cfg, SimpleNamespace(base_path=path, num_options=0))  # type: ignore[arg-type]
 
 
-def test_run_refuses_gpu_workers_on_a_cluster_without_gpus_before_any_actor_starts(ray_session, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_refuses_gpu_workers_on_a_cluster_without_gpus_before_any_actor_starts(  # type: ignore[no-untyped-def]
+    ray_session, base, tmp_path: Path
+) -> None:
     from fedsim.driver import run
 
     overrides, _ = base
-    cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001", "progress=false"])
+    cfg = load_config(None, [*overrides, "workers.gpus_per_worker=0.5", "workers.gpu_memory_gib=0.001",
+                             "progress=false"])
     with pytest.raises(ConfigError, match="workers: no worker fits: .* 0 GPUs"):
         run(cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -96,7 +101,9 @@ def test_estimate_halves_the_base_in_bf16_and_quarters_its_linear_weights_in_8bi
     overrides, path = base
     full = estimate_worker_memory(load_config(None, overrides), path)
     half = estimate_worker_memory(load_config(None, [*overrides, "engine.precision=bf16"]), path)
-    quantized = estimate_worker_memory(load_config(None, [*overrides, "model.quantization=8bit", "workers.gpus_per_worker=1"]), path)
+    quantized = estimate_worker_memory(
+        load_config(None, [*overrides, "model.quantization=8bit", "workers.gpus_per_worker=1"]), path
+    )
     assert half.base == full.base / 2 and half.activations == full.activations / 2 and half.trainable == full.trainable
     assert quantized.base < half.base
 

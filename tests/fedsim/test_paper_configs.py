@@ -18,9 +18,10 @@ PAPER = Path(__file__).resolve().parents[2] / "configs" / "paper"
 CONFIGS = sorted(PAPER.glob("*.yaml"))
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 # A tiny base of the same family in place of the hub checkpoint, built from the same data
-TINY_BASE = ["progress=false", "model.pretrained=null", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
-             "model.num_kv_heads=1", "model.intermediate_size=32", "model.num_experts=4", "model.pretrain.steps=0",
-             "model.pretrain.tokenizer_vocab=400", "data.max_length=48", "data.max_option_length=12"]
+TINY_BASE = ["progress=false", "model.pretrained=null", "model.hidden_size=32", "model.num_layers=2",
+             "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_size=32", "model.num_experts=4",
+             "model.pretrain.steps=0", "model.pretrain.tokenizer_vocab=400", "data.max_length=48",
+             "data.max_option_length=12"]
 
 
 def write_agnews(path: Path, per_label: int = 12) -> Path:
@@ -33,7 +34,8 @@ def write_agnews(path: Path, per_label: int = 12) -> Path:
 
 def test_every_paper_config_is_one_of_two_models_on_three_tasks_at_two_alphas() -> None:
     names = {p.stem for p in CONFIGS}
-    assert names == {f"{m}-{d}-a{a}" for m in ("switch", "deepseek") for d in ("agnews", "mmlu", "hellaswag") for a in ("0.1", "1.0")}
+    assert names == {f"{m}-{d}-a{a}"
+                     for m in ("switch", "deepseek") for d in ("agnews", "mmlu", "hellaswag") for a in ("0.1", "1.0")}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -64,7 +66,8 @@ def test_paper_config_prepares_and_trains_a_client_with_local_stand_ins(path: Pa
     # Execute
     prepared = prepare(cfg)
     engine = engine_spec(cfg, prepared)()
-    update = engine.train(prepared.partitions[0], engine.initial_payload, ClientInstructions(client_id=0, round_idx=1, seed=0))
+    update = engine.train(prepared.partitions[0], engine.initial_payload,
+                          ClientInstructions(client_id=0, round_idx=1, seed=0))
     # Assert: the shipped settings reached the engine (bf16, the task's scoring) and a client trained
     assert engine.spec.precision == "bf16" and engine.spec.task == ("label_word" if task == "agnews" else "choice")
     assert update is not None and np.isfinite(update.metric("train_loss")) and np.abs(update.delta).sum() > 0
@@ -100,7 +103,8 @@ def test_switch_config_loads_a_sentencepiece_only_tokenizer(tmp_path: Path) -> N
     # Execute
     prepared = prepare(cfg)
     engine = engine_spec(cfg, prepared)()
-    update = engine.train(prepared.partitions[0], engine.initial_payload, ClientInstructions(client_id=0, round_idx=1, seed=0))
+    update = engine.train(prepared.partitions[0], engine.initial_payload,
+                          ClientInstructions(client_id=0, round_idx=1, seed=0))
     # Assert: the sentencepiece tokenizer was the one loaded, and a client trained through it
     assert type(AutoTokenizer.from_pretrained(base)).__name__ == "T5Tokenizer" and Path(prepared.base_path) == base
     assert update is not None and np.isfinite(update.metric("train_loss")) and np.abs(update.delta).sum() > 0

@@ -190,7 +190,8 @@ class TestLoadFailure:
 
     def test_missing_column_names_column_and_format(self, tmp_path):
         path = _write(tmp_path / "q.json", [{k: v for k, v in MMLU_ROWS[0].items() if k != "question"}])
-        with pytest.raises(ConfigError, match=r"^data\.source: \S*/q\.json lacks column\(s\) \['question'\] of the mmlu"):
+        with pytest.raises(ConfigError,
+                           match=r"^data\.source: \S*/q\.json lacks column\(s\) \['question'\] of the mmlu"):
             load_choice_dataset(str(path), format="mmlu")
 
     def test_answer_letter_outside_the_options(self, tmp_path):

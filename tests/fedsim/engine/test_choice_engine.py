@@ -32,7 +32,8 @@ def write_mmlu(path: Path, per_subject: int = 10) -> Path:
     for s, subject in enumerate(SUBJECTS):
         for i in range(per_subject):
             rows.append({"question": f"In {subject}, which number follows {i + s}?", "subject": subject,
-                         "choices": [str(i + s + d) for d in (1, 2, 3, 4)][::-1] if i % 2 else [str(i + s + d) for d in (1, 2, 3, 4)],
+                         "choices": [str(i + s + d) for d in (1, 2, 3, 4)][::-1] if i % 2
+                         else [str(i + s + d) for d in (1, 2, 3, 4)],
                          "answer": 3 if i % 2 else 0})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -82,9 +83,11 @@ def test_engine_option_scores_equal_one_forward_pass_per_option(tmp_path: Path, 
     # Prepare: random LoRA B so the adapters matter; an unpadded reference per (example, option)
     source = write_mmlu(tmp_path / "mmlu.jsonl") if schema == "mmlu" else write_hellaswag(tmp_path / "hs.json")
     top_k = "model.top_k=1" if family == "switch_transformers" else "model.top_k=2"
-    engine, prepared = _engine(tmp_path, f"model.family={family}", top_k, f"data.format={schema}", f"data.source={source}",
-                               "data.option_score=sum")
-    payload = engine.initial_payload + np.random.default_rng(0).normal(0, 0.05, engine.initial_payload.shape).astype(np.float32)
+    engine, prepared = _engine(tmp_path, f"model.family={family}", top_k, f"data.format={schema}",
+                               f"data.source={source}", "data.option_score=sum")
+    payload = engine.initial_payload + np.random.default_rng(0).normal(
+        0, 0.05, engine.initial_payload.shape
+    ).astype(np.float32)
     engine._load(payload)
     engine.model.eval()
     batch = ChoiceSplit.load(prepared.test_path).take(np.arange(4))
@@ -106,7 +109,9 @@ def test_hellaswag_scores_per_token_by_default_and_mmlu_sums(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "switch_transformers"])
-def test_a_multiple_choice_client_trains_every_payload_class_and_is_evaluated_on_every_test_row(tmp_path: Path, family: str) -> None:
+def test_a_multiple_choice_client_trains_every_payload_class_and_is_evaluated_on_every_test_row(
+    tmp_path: Path, family: str
+) -> None:
     # Prepare: clients split by subject (Dirichlet over the subject column)
     top_k = "model.top_k=1" if family == "switch_transformers" else "model.top_k=2"
     engine, prepared = _engine(tmp_path, f"model.family={family}", top_k, "data.format=mmlu",

@@ -147,8 +147,9 @@ def test_g1_matches_torch_engine_with_shared_experts(tmp_path_factory, world_por
 def test_g1_matches_torch_engine_on_a_multiple_choice_task(tmp_path_factory, world_port) -> None:  # type: ignore[no-untyped-def]
     # Prepare: an MMLU-style file, options scored by log-likelihood (N rows an example)
     tmp = tmp_path_factory.mktemp("mmlu")
-    cfg = load_config(None, [*TINY, f"cache_dir={tmp / 'cache'}", "data.format=mmlu", f"data.source={write_mmlu(tmp / 'q.jsonl')}",
-                             "data.num_clients=3", "clients_per_round=3", "data.max_length=48", "data.max_option_length=8"])
+    cfg = load_config(None, [*TINY, f"cache_dir={tmp / 'cache'}", "data.format=mmlu",
+                             f"data.source={write_mmlu(tmp / 'q.jsonl')}", "data.num_clients=3", "clients_per_round=3",
+                             "data.max_length=48", "data.max_option_length=8"])
     run = prepare(cfg)
     recipe = dict(base_path=run.base_path, train_path=run.train_path, test_path=run.test_path, label_token_ids=(),
                   task="choice", lora=cfg.lora, train=cfg.train)

@@ -115,7 +115,8 @@ def test_routing_stats_during_training_need_no_extra_pass(setup) -> None:  # typ
     engine, prepared = setup
     rows = prepared.partitions[2]
     spec = engine.spec
-    engine.spec = TorchEngineSpec(**{**spec.__dict__, "train": spec.train.model_copy(update={"routing_stats": "during"})})
+    engine.spec = TorchEngineSpec(**{**spec.__dict__,
+                                     "train": spec.train.model_copy(update={"routing_stats": "during"})})
     try:
         u = engine.train(rows, engine.initial_payload, _instr(2, seed=2))
     finally:
@@ -130,9 +131,11 @@ def test_routing_regulariser_changes_the_update_only_when_lambda_is_set(setup) -
     p_g = np.tile(np.array([0.7, 0.1, 0.1, 0.1]), (2, 1))
     plain = engine.train(rows, engine.initial_payload, _instr(0, seed=4))
     off = engine.train(rows, engine.initial_payload,
-                       ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)), reg_lambda=0.0))
+                       ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)),
+                                          reg_lambda=0.0))
     on = engine.train(rows, engine.initial_payload,
-                      ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)), reg_lambda=5.0))
+                      ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)),
+                                         reg_lambda=5.0))
     np.testing.assert_array_equal(plain.delta, off.delta)
     router = engine.layout.select(role="router")[0]
     span = slice(router.offset, router.offset + router.size)
@@ -151,8 +154,8 @@ def test_prepare_keys_cache_by_every_corpus_setting(setup) -> None:  # type: ign
     regrouped = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "data.partition=dirichlet", "data.alpha=5.0"]))
     assert regrouped.train_path == prepared.train_path and regrouped.base_path == prepared.base_path
     # Loading and encoding settings reuse the base; an encoding setting re-encodes.
-    loaded = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "model.quantization=4bit", "workers.gpus_per_worker=1",
-                                        "data.max_length=40"]))
+    loaded = prepare(load_config(None, [*TINY, f"cache_dir={cache}", "model.quantization=4bit",
+                                        "workers.gpus_per_worker=1", "data.max_length=40"]))
     assert loaded.base_path == prepared.base_path and loaded.train_path != prepared.train_path
 
 
@@ -256,6 +259,8 @@ def test_quantized_base_trains_the_same_slots_and_tracks_the_fp32_update(setup, 
 def test_quantized_base_without_bitsandbytes_is_a_one_line_config_error(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     engine, _ = setup
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"^model\.quantization: '4bit' needs bitsandbytes: pip install -e '\.\[quantization\]'$"):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^model\.quantization: '4bit' needs bitsandbytes: "
+                                          r"pip install -e '\.\[quantization\]'$"):
         dataclasses.replace(engine.spec, quantization="4bit")()

@@ -103,8 +103,10 @@ def test_apply_lora_routes_every_fused_experts_module(tiny: TinyMoE, fused_famil
 
 
 def test_routed_step_gives_peft_loss_gradients_and_update(tiny: TinyMoE, fused_family_name: str) -> None:
-    """Equality with peft's path (W + s·B·A folded per expert) to float32 rounding: loss, every gradient, the
-    AdamW update; the routed path never forms the folded tensor."""
+    """Equality with peft's path (W + s·B·A folded per expert) to float32 rounding: loss, gradients, AdamW update.
+
+    Every gradient is compared; the routed path never forms the folded tensor.
+    """
     # Prepare
     reference = _adapted(tiny, fused_family_name, routed=False)
     routed = _adapted(tiny, fused_family_name, routed=True)
@@ -264,8 +266,10 @@ def _experts_saved_bytes(tiny: TinyMoE, *, routed: bool, experts: int) -> int:
 
 
 def test_routed_experts_save_the_same_bytes_whatever_the_number_of_experts(tiny: TinyMoE) -> None:
-    """What the experts keep for backward follows the routed rows (tokens × k): with 4 or 32 experts and the
-    same tokens it is the same, where peft's path keeps W + s·B·A for every expert."""
+    """What the experts keep for backward follows the routed rows (tokens × k), not the number of experts.
+
+    With 4 or 32 experts and the same tokens it is the same, where peft's path keeps W + s·B·A for every expert.
+    """
     # Execute
     routed = [_experts_saved_bytes(tiny, routed=True, experts=e) for e in (4, 32)]
     folded = [_experts_saved_bytes(tiny, routed=False, experts=e) for e in (4, 32)]

@@ -296,7 +296,8 @@ def test_apply_lora_on_switch_puts_dropout_on_attention_adapters_and_none_on_exp
     experts = [m for n, m in adapters.items() if ".experts." in n]
     attention = [m for n, m in adapters.items() if ".experts." not in n]
     assert len(experts) == tiny.moe_layers("switch_transformers") * tiny.experts * 2 and attention
-    assert all(isinstance(m.lora_dropout["default"], nn.Dropout) and m.lora_dropout["default"].p == 0.25 for m in attention)
+    assert all(isinstance(m.lora_dropout["default"], nn.Dropout) and m.lora_dropout["default"].p == 0.25
+               for m in attention)
     assert all(isinstance(m.lora_dropout["default"], nn.Identity) for m in experts)
 
 

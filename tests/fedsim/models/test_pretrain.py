@@ -48,8 +48,10 @@ def _loss(model: PreTrainedModel, blocks: np.ndarray) -> float:
 def test_pretraining_lowers_the_loss_and_saves_a_base_that_from_pretrained_loads(
     tiny: TinyMoE, tmp_path: Path, family: str
 ) -> None:
-    """The demo's base is pretrained once and loaded by every worker through ``from_pretrained``: a step that
-    does not learn, or a save that loses a weight, would leave LoRA fine-tuning a different model."""
+    """The demo's base is pretrained once and loaded by every worker through ``from_pretrained``.
+
+    A step that does not learn, or a save that loses a weight, would leave LoRA fine-tuning a different model.
+    """
     # Prepare
     model = tiny.model(family)
     blocks = _blocks(tiny.vocab)

@@ -175,8 +175,11 @@ def _file_backed(model: nn.Module) -> list[bool]:
 def test_load_pretrained_after_save_gives_identical_logits(
     tiny: TinyMoE, family_name: str, layout: str, tmp_path: Path
 ) -> None:
-    """Either checkpoint layout: the hub's (transformers' default save, what a downloaded model has) or the
-    model's own (``save_base``, what fedsim's bases are)."""
+    """Either checkpoint layout: the hub's or the model's own.
+
+    The hub's is transformers' default save, what a downloaded model has; the model's own is ``save_base``'s, what
+    fedsim's bases are.
+    """
     # Prepare
     model = tiny.model(family_name, seed=3)
     if layout == "hub":
@@ -190,7 +193,8 @@ def test_load_pretrained_after_save_gives_identical_logits(
 
     # Assert
     assert type(loaded) is CLASSES[family_name]
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
     with torch.no_grad():  # same weights; Qwen2-MoE's reload computes ~1e-8 apart (the kernels' summation order)
         torch.testing.assert_close(tiny.forward(model, ids).logits, tiny.forward(loaded, ids).logits, rtol=0, atol=1e-6)
 
@@ -199,8 +203,11 @@ def test_load_pretrained_after_save_gives_identical_logits(
 def test_a_base_in_its_own_layout_is_read_in_place_and_a_converted_one_leaves_no_mapping(
     tiny: TinyMoE, fused_family_name: str, tmp_path: Path
 ) -> None:
-    """Own layout: every parameter is a view of the mapped file (no copy; pages shared by a node's workers).
-    Hub layout, fused on load: no parameter keeps the file mapped (its pages would stay resident)."""
+    """A base in its own layout is read in place from the mapped file; one converted from the hub's keeps no mapping.
+
+    Own layout: every parameter is a view of the mapped file (no copy; pages shared by a node's workers).
+    Hub layout, fused on load: no parameter keeps the file mapped (its pages would stay resident).
+    """
     # Prepare
     model = tiny.model(fused_family_name)
     save_base(model, tmp_path / "own")

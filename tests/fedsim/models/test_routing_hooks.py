@@ -239,7 +239,10 @@ def test_recorder_on_switch_routes_a_token_dropped_for_capacity_to_no_expert(tin
 
 
 def test_recorder_on_switch_asks_for_the_decoder_mask(tiny: TinyMoE) -> None:
-    with RoutingRecorder(tiny.model("switch_transformers")) as recorder, pytest.raises(ValueError, match="decoder_mask"):
+    with (
+        RoutingRecorder(tiny.model("switch_transformers")) as recorder,
+        pytest.raises(ValueError, match="decoder_mask"),
+    ):
         recorder.set_mask(MASK)
 
 
