@@ -42,6 +42,7 @@ from actors import (
 from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import ConfigError, FedsimError, RunFailed
 from aggregation.messages import ClientUpdate
+from aggregation.payload import PayloadLayout
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
 from fedsim import environment
@@ -364,6 +365,7 @@ def _execute(
         cbs.append(TensorBoardScalars())
     cbs.append(table)
     pool: WorkerPool | None = None
+    owned: list[Any] = []  # the actors a loop starts besides the pool (the aggregator)
     status = "failed"
     try:
         for cb in cbs:
@@ -373,9 +375,9 @@ def _execute(
         placement.to_csv(run_dir / "placement.csv", index=False)
         log.info("%d workers on %d node(s)", len(placement), placement["node_id"].nunique())
         if cfg.system.policy == "async":
-            _loop_async(cfg, prepared, profiles, pool, cbs, run_dir)
+            _loop_async(cfg, prepared, profiles, pool, owned, cbs, run_dir)
         else:
-            _loop(cfg, prepared, profiles, pool, cbs, run_dir, checkpoint)
+            _loop(cfg, prepared, profiles, pool, owned, cbs, run_dir, checkpoint)
         status = "completed"
         memory = pd.DataFrame(pool.memory())  # a restarted worker's row carries its new process
         placement.assign(pid=memory["pid"], peak_rss_mib=memory["peak_rss_mib"]).to_csv(
@@ -388,6 +390,8 @@ def _execute(
     finally:
         for cb in cbs:
             cb.on_run_end(status=status)
+        for actor in owned:  # a run, even a failed one, leaves no actor in a Ray that outlives it
+            ray.kill(actor)
         if pool is not None:
             pool.shutdown()
         if started_ray:
@@ -442,15 +446,22 @@ def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
                       group_size=engine.group_size)
 
 
+def _start_aggregator(cfg: RunConfig, layout: PayloadLayout) -> Any:
+    """The aggregator actor of a run, holding its strategy.
+
+    The handle is untyped: mypy does not apply the ``@ray.remote`` class decorator.
+    """
+    return cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
+                                        measure_memory=cfg.logging.aggregator_memory)
+
+
 def _loop(
-    cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, cbs: list[Callback],
-    run_dir: Path, checkpoint: Checkpoint | None,
+    cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, owned: list[Any],
+    cbs: list[Callback], run_dir: Path, checkpoint: Checkpoint | None,
 ) -> None:
     layout, initial = pool.describe()
-    # @ray.remote made Aggregator an actor class, a class decorator mypy does not apply: its handle is untyped
-    aggregator: Any = cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout,
-                                                   cfg.strategy.max_update_norm,
-                                                   measure_memory=cfg.logging.aggregator_memory)
+    aggregator = _start_aggregator(cfg, layout)
+    owned.append(aggregator)  # the run kills it when it ends
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
     _store_system(cfg, profiles, run_dir)
@@ -564,8 +575,8 @@ def _close_round(
 
 
 def _loop_async(
-    cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, cbs: list[Callback],
-    run_dir: Path,
+    cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, owned: list[Any],
+    cbs: list[Callback], run_dir: Path,
 ) -> None:
     """FedBuff-style asynchronous rounds (aggregation/buffered.py).
 
@@ -579,10 +590,8 @@ def _loop_async(
     K = clients in flight and simultaneous arrivals this is synchronous FedAvg, round for round.
     """
     layout, initial = pool.describe()
-    # @ray.remote made Aggregator an actor class, a class decorator mypy does not apply: its handle is untyped
-    aggregator: Any = cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout,
-                                                   cfg.strategy.max_update_norm,
-                                                   measure_memory=cfg.logging.aggregator_memory)
+    aggregator = _start_aggregator(cfg, layout)
+    owned.append(aggregator)  # the run kills it when it ends
     sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
     _store_system(cfg, profiles, run_dir)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,6 +89,21 @@ def test_run_client_failure_marks_run_failed(ray_session, tiny_config, tmp_path:
     assert status["status"] == "failed" and "client 3 round 2" in status["error"]
     rounds = pd.read_parquet(tmp_path / "failed" / "rounds.parquet")
     assert list(rounds["round"]) == [1]  # round 1 kept, nothing written for the failed round
+    # the failed run left no actor in the Ray that outlives it (this test process's: its processes are our children)
+    deadline = time.monotonic() + 30
+    while _actor_processes("ray::Aggregator") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _actor_processes("ray::Aggregator")
+
+
+def _actor_processes(title: str) -> list[psutil.Process]:
+    """The Ray processes under the test process whose title starts with ``title``."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(child.cmdline()).startswith(title):
+                found.append(child)
+    return found
 
 
 def test_run_fedalign_moe_two_rounds(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
