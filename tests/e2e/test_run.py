@@ -70,8 +70,9 @@ def test_run_writes_complete_tables(ray_session, tiny_config, tmp_path: Path) ->
     # each process's peak memory: every worker's, once the run completed, and the largest in each round
     workers = pd.read_csv(d / "placement.csv")
     assert len(workers) == 2 and (workers["peak_rss_mib"] > 100).all()
+    # a peak only grows: the run's end reads it after the last round did (the workers' idle calls add a little)
     assert (rounds["worker_peak_rss_mib"] <= workers["peak_rss_mib"].max()).all()
-    assert rounds["worker_peak_rss_mib"].iloc[-1] == workers["peak_rss_mib"].max()
+    assert rounds["worker_peak_rss_mib"].iloc[-1] >= 0.9 * workers["peak_rss_mib"].max()
 
 
 def test_run_same_seed_same_metrics_with_one_or_two_workers(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
