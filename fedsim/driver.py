@@ -561,7 +561,9 @@ def _close_round(
         row["eval_wall_s"] = time.perf_counter() - t1
     row["wall_s"] = time.perf_counter() - t0
     row["driver_peak_rss_mib"] = _peak_rss_mib()
-    row["worker_peak_rss_mib"] = max(m["peak_rss_mib"] for m in pool.memory())
+    # a worker answers after its current client: read only when none is in flight (not between async steps)
+    idle = cfg.system.policy != "async"
+    row["worker_peak_rss_mib"] = max(m["peak_rss_mib"] for m in pool.memory()) if idle else float("nan")
     at = {"sim_time_s": row.get("sim_time_s", float("nan"))}  # simulated time is a column of every table
     record = RoundRecord(r, row, [{**c, **at} for c in summary.clients], [{**c, **at} for c in summary.comm],
                          [{**c, **at} for c in _routing_rows(summary.routing_p_bar)])
