@@ -36,10 +36,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not ray and not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
 
-# ruff (style, docstrings, imports) on everything; mypy strict on the three packages (pyproject.toml)
+# ruff (style, docstrings, imports) on everything; mypy strict on the three packages and the examples (pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy fedsim actors aggregation
+	$(BIN)/mypy fedsim actors aggregation examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py

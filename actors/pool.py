@@ -202,11 +202,15 @@ class WorkerPool:
     def submit(
         self,
         payload_ref: ray.ObjectRef[np.ndarray],
-        instructions: Sequence[ClientInstructions],
+        instructions: Sequence[ClientInstructions | ray.ObjectRef[ClientInstructions]],
         indices: Sequence[np.ndarray],
         work: Sequence[float],
     ) -> list[ray.ObjectRef[ClientUpdate]]:
         """Queue each client on a worker, balancing ``work``; return the update refs in cohort order.
+
+        ``instructions``: per client, the instructions or an object ref to them
+        (``actors.aggregator.instruction_refs``), passed on unread; Ray resolves a
+        ref for the worker, so the caller never fetches a payload-sized instruction.
 
         Submitted round-robin over the shards (each worker's first client, then each one's
         second, ...), so every worker starts after about one submission per worker; shard by

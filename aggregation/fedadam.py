@@ -7,34 +7,35 @@ The moments m and v are strategy state, so they travel in checkpoints.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from aggregation.options import Options
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
 from aggregation.weighting import WeightedMeanAccumulator
+
+
+class FedAdamOptions(Options):
+    """Server Adam's step size η, moment decays β1, β2 and adaptivity τ."""
+
+    server_lr: float = Field(0.01, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
 
 
 class FedAdam(Strategy):
     """Server-side Adam on the n-weighted mean of client deltas (no bias correction, as in the paper)."""
 
     name = "fedadam"
+    options_type = FedAdamOptions
+    options: FedAdamOptions
 
-    def __init__(
-        self, layout: PayloadLayout, *, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
-    ) -> None:
-        for field, value, ok in (
-            ("server_lr", server_lr, server_lr > 0),
-            ("beta1", beta1, 0 <= beta1 < 1),
-            ("beta2", beta2, 0 <= beta2 < 1),
-            ("tau", tau, tau > 0),
-        ):
-            if not (math.isfinite(value) and ok):
-                raise ValueError(f"strategy.fedadam.{field}: invalid value {value}")
-        super().__init__(layout)
-        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+    def __init__(self, layout: PayloadLayout, options: FedAdamOptions | None = None) -> None:
+        super().__init__(layout, options)
         self._m = np.zeros(layout.total, dtype=np.float64)
         self._v = np.zeros(layout.total, dtype=np.float64)
 
@@ -57,9 +58,10 @@ class FedAdam(Strategy):
             return RoundResult(self._global.copy(), {"n_aggregated": 0.0}, {})
         base = self._global.astype(np.float64)
         pseudo_grad = self._mean.apply(self._global).astype(np.float64) - base  # Δ̄
-        self._m = self.beta1 * self._m + (1 - self.beta1) * pseudo_grad
-        self._v = self.beta2 * self._v + (1 - self.beta2) * pseudo_grad**2
-        new = base + self.server_lr * self._m / (np.sqrt(self._v) + self.tau)
+        o = self.options
+        self._m = o.beta1 * self._m + (1 - o.beta1) * pseudo_grad
+        self._v = o.beta2 * self._v + (1 - o.beta2) * pseudo_grad**2
+        new = base + o.server_lr * self._m / (np.sqrt(self._v) + o.tau)
         return RoundResult(new.astype(PAYLOAD_DTYPE), {"n_aggregated": float(len(weights))}, weights)
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,34 +14,27 @@ L_reg = mean over tokens x and MoE layers of
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from aggregation import routing_alignment as ra
 from aggregation import semantic_alignment as sa
+from aggregation.client_terms import RoutingRegulariserTerm
 from aggregation.errors import LayoutMismatch
 from aggregation.messages import ClientInstructions
+from aggregation.options import Options
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout, Role
 from aggregation.personal import PersonalExperts
 from aggregation.routing_alignment import ScoreMode
+from aggregation.routing_regulariser import RegForm
 from aggregation.routing_stats import RoutingStats, total_variation
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
 from aggregation.weighting import accumulate
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "gating": ("consistency", "uniform", "off"),
-    "score_mode": ra.SCORE_MODES,
-    "router_merge": ("omega", "fedavg"),
-    "gate": ("hard", "soft"),
-    "expert_agg": ("global", "personalized"),
-}
 
-
-@dataclass(frozen=True, slots=True)
-class FedAlignOptions:
+class FedAlignOptions(Options):
     """Options of FedAlign-MoE; the defaults are the spec's full method.
 
     Attributes
@@ -70,6 +63,9 @@ class FedAlignOptions:
         "personalized": besides the global merge, each client keeps its own view of
         every expert, Σ_j γ_ij(e)·θ_j(e) / Σ_j γ_ij(e), and trains from it when sampled
         again (needs ``semantic``, whose γ it uses).
+    reg_form : {"token", "batch"}
+        The regulariser's form: the spec's per-token top-k sum, or a batch-level KL
+        (``aggregation.routing_regulariser``).
     sigma_tol : float
         Slack of the hard gate's σ ≥ τ comparison.
     direction_consensus : bool
@@ -77,33 +73,27 @@ class FedAlignOptions:
         updates whose directions are too weakly correlated to weigh by (see the README).
     """
 
-    reg_lambda: float = 0.1
+    reg_lambda: float = Field(0.1, ge=0, description="λ of the client routing regulariser")
     gating: Literal["consistency", "uniform", "off"] = "consistency"
     score_mode: ScoreMode = "om"
     adaptive_alpha: bool = True
     router_merge: Literal["omega", "fedavg"] = "omega"
     semantic: bool = True
-    beta: float = 1.0
+    beta: float = Field(1.0, description="τ = M − β·Σ")
     gate: Literal["hard", "soft"] = "hard"
-    soft_temperature: float = 0.05
-    expert_agg: Literal["global", "personalized"] = "global"
-    sigma_tol: float = 1e-9
-    direction_consensus: bool = True
+    soft_temperature: float = Field(0.05, gt=0)
+    expert_agg: Literal["global", "personalized"] = Field(
+        "global", description="personalized: each client also keeps its γ-weighted view of every expert"
+    )
+    sigma_tol: float = Field(1e-9, ge=0, description="slack of the hard gate's σ ≥ τ")
+    direction_consensus: bool = Field(True, description="eq. 10's max(D, 0) factor in γ; false: the σ gate alone")
+    reg_form: RegForm = Field("token", description="the regulariser per token over K(x) (spec), or batch-level KL")
 
-    def __post_init__(self) -> None:
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"strategy.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
-            raise ValueError(f"strategy.reg_lambda must be a finite number >= 0, got {self.reg_lambda}")
+    @model_validator(mode="after")
+    def _personalized_needs_semantic(self) -> FedAlignOptions:
         if self.expert_agg == "personalized" and not self.semantic:
-            raise ValueError("strategy.expert_agg='personalized' needs strategy.semantic=true (it weights views by γ)")
-        if not math.isfinite(self.beta):
-            raise ValueError(f"strategy.beta must be finite, got {self.beta}")
-        if not (math.isfinite(self.soft_temperature) and self.soft_temperature > 0):
-            raise ValueError(f"strategy.soft_temperature must be a finite number > 0, got {self.soft_temperature}")
-        if not (math.isfinite(self.sigma_tol) and self.sigma_tol >= 0):
-            raise ValueError(f"strategy.sigma_tol must be a finite number >= 0, got {self.sigma_tol}")
+            raise ValueError("expert_agg='personalized' needs semantic=true (the views are weighted by γ)")
+        return self
 
 
 def _spans(layout: PayloadLayout, role: Role) -> list[tuple[int, int]]:
@@ -125,10 +115,11 @@ class FedAlignMoE(Strategy):
     """
 
     name = "fedalign_moe"
+    options_type = FedAlignOptions
+    options: FedAlignOptions
 
     def __init__(self, layout: PayloadLayout, options: FedAlignOptions | None = None) -> None:
-        super().__init__(layout)
-        self.options = options if options is not None else FedAlignOptions()
+        super().__init__(layout, options)
         layers = sorted(set(layout.router_layers()) | {k[0] for k in layout.expert_keys()})
         if not layers or layers != list(range(len(layers))):
             raise LayoutMismatch(f"FedAlign-MoE needs MoE layers numbered 0..L-1, layout has {layers}")
@@ -149,27 +140,28 @@ class FedAlignMoE(Strategy):
 
     # -- instructions ---------------------------------------------------------------------------
 
-    def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
-        """p_g^{t−1}, the client's α and λ for its routing regulariser; its own experts under ``personalized``.
+    @classmethod
+    def reads_routing_stats(cls, options: Options) -> bool:
+        """Unless both modules are off: Module 1 scores and Module 2 signatures come from them."""
+        assert isinstance(options, FedAlignOptions)
+        return options.gating != "off" or options.semantic
 
-        α is 1 for a client never seen, λ is 0 until a p_g target exists, and
-        a client gets its own experts once it has some. With ``gating = "off"``
-        only the experts are sent.
+    def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
+        """The routing regulariser toward p_g^{t−1} with the client's α; its own experts under ``personalized``.
+
+        α is 1 for a client never seen (and for all with ``adaptive_alpha`` off); the
+        regulariser is sent once a p_g target exists and λ > 0, never with
+        ``gating = "off"``; a client starts from its own experts once it has some.
         """
-        own = self.personal.get(client_id) if self.personal is not None else None
-        personal = None if own is None else own.copy()
-        if self.options.gating == "off":
-            return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, personal=personal)
-        alpha = self._alpha.get(client_id) if self.options.adaptive_alpha else None
-        return ClientInstructions(
-            client_id=client_id,
-            round_idx=round_idx,
-            seed=seed,
-            p_g=self._p_g.copy(),
-            alpha=np.ones_like(self._p_g) if alpha is None else alpha.copy(),
-            reg_lambda=self.options.reg_lambda if self._has_target else 0.0,
-            personal=personal,
+        start = self.personal.start_for(client_id) if self.personal is not None else None
+        o = self.options
+        if o.gating == "off" or not self._has_target or o.reg_lambda == 0:
+            return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, start=start)
+        alpha = self._alpha.get(client_id) if o.adaptive_alpha else None
+        term = RoutingRegulariserTerm(
+            o.reg_lambda, self._p_g.copy(), np.ones_like(self._p_g) if alpha is None else alpha.copy(), o.reg_form
         )
+        return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, terms=(term,), start=start)
 
     # -- streaming aggregation ------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from aggregation.errors import LayoutMismatch
+from aggregation.options import Options
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
 from aggregation.weighting import accumulate
@@ -68,16 +70,21 @@ def _blocks(layout: PayloadLayout) -> list[_Block]:
     return blocks
 
 
+class FedMoEOptions(Options):
+    """How FedMoE weights router rows."""
+
+    router_weighting: RouterWeighting = Field("usage", description="router row e by usage of e, or by n_i")
+
+
 class FedMoE(Strategy):
     """Per-expert averaging weighted by expert usage counts; shared entries by n_i."""
 
     name = "fedmoe"
+    options_type = FedMoEOptions
+    options: FedMoEOptions
 
-    def __init__(self, layout: PayloadLayout, *, router_weighting: RouterWeighting = "usage") -> None:
-        if router_weighting not in ("usage", "n"):
-            raise ValueError(f"strategy.fedmoe.router_weighting must be 'usage' or 'n', got {router_weighting!r}")
-        super().__init__(layout)
-        self.router_weighting = router_weighting
+    def __init__(self, layout: PayloadLayout, options: FedMoEOptions | None = None) -> None:
+        super().__init__(layout, options)
         self._keys = layout.expert_keys()
         routers = layout.select(role="router")
         row_counts = {e.shape[0] for e in routers if e.shape}
@@ -89,6 +96,11 @@ class FedMoE(Strategy):
             max([k[1] + 1 for k in self._keys] + list(row_counts), default=0),
         )  # (L, E) of the usage counts the layout needs
         self._blocks = _blocks(layout)
+
+    @classmethod
+    def reads_routing_stats(cls, options: Options) -> bool:
+        """Always: the usage counts weight every expert."""
+        return True
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
         """Start the round with zero weighted sums and zero usage counts Σ_i c_i(l, e)."""
@@ -121,7 +133,7 @@ class FedMoE(Strategy):
         """Row weights of ``block``: usage counts c(l, e), or n."""
         if block.kind == "expert":
             return counts[block.layer, list(block.experts)]
-        if block.kind == "router" and self.router_weighting == "usage":
+        if block.kind == "router" and self.options.router_weighting == "usage":
             layer_counts: np.ndarray = counts[block.layer]  # an integer index gives Any in numpy's stubs
             return layer_counts
         return n

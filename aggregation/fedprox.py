@@ -1,36 +1,39 @@
 """FedProx (Li et al., 2020, arXiv 1812.06127): FedAvg's mean plus a client-side proximal term.
 
 The client minimises L_task + (μ/2)·‖θ − θ_g‖² over the trainable payload; that
-term runs in the engine, fed by the ``prox_mu`` instruction sent from here. The
-server step is the n-weighted mean, as in FedAvg.
+term is the ``ProximalTerm`` sent with every client's instructions, which the
+engine adds to the loss. The server step is the n-weighted mean, as in FedAvg.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from pydantic import Field
 
+from aggregation.client_terms import ProximalTerm
 from aggregation.messages import ClientInstructions
-from aggregation.payload import PayloadLayout
+from aggregation.options import Options
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
 from aggregation.weighting import WeightedMeanAccumulator
+
+
+class FedProxOptions(Options):
+    """FedProx's one option."""
+
+    mu: float = Field(0.01, ge=0, description="μ of the client's proximal term (μ/2)·‖θ − θ_g‖²; 0: FedAvg")
 
 
 class FedProx(Strategy):
     """FedAvg whose clients add the proximal term (μ/2)·‖θ − θ_g‖²."""
 
     name = "fedprox"
-
-    def __init__(self, layout: PayloadLayout, *, mu: float) -> None:
-        if not (math.isfinite(mu) and mu >= 0):
-            raise ValueError(f"strategy.prox_mu must be a finite number >= 0, got {mu}")
-        super().__init__(layout)
-        self.mu = mu
+    options_type = FedProxOptions
+    options: FedProxOptions
 
     def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
-        """Plain local-training instructions plus ``prox_mu`` = μ, the weight of the client's proximal term."""
-        return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, prox_mu=self.mu)
+        """Plain local-training instructions plus the proximal term, when μ > 0."""
+        terms = (ProximalTerm(self.options.mu),) if self.options.mu > 0 else ()
+        return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed, terms=terms)
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
         """Start the round with an empty n-weighted running sum of deltas."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregation.client_terms import ClientTerm, PayloadStart
 from aggregation.routing_stats import RoutingStats
 
 
@@ -31,18 +32,12 @@ class ClientInstructions:
     seed : int
         The client's training seed, derived from (run seed, round, client) so it
         does not depend on which worker runs it.
-    prox_mu : float
-        FedProx proximal coefficient μ; 0 disables the term.
-    p_g : ndarray [L, E] or None
-        Global routing distribution per MoE layer (FedAlign-MoE), None when unused.
-    alpha : ndarray [L, E] or None
-        The client's adaptive expert weights α_i(e) (FedAlign-MoE).
-    reg_lambda : float
-        Weight λ of the routing regulariser; 0 disables it.
-    personal : ndarray [expert block] or None
-        The client's own experts (``layout.expert_block`` of the payload) for
-        personalised strategies: the client trains from them instead of the
-        global experts, and its delta is measured from that start.
+    terms : tuple of ClientTerm
+        Loss terms the client adds to its task loss (``aggregation.client_terms``): the client side of the
+        strategy, applied by the engine without knowing which strategy sent them.
+    start : PayloadStart or None
+        Values the client trains from instead of the global payload's at their range (a personalised
+        client's own experts); its delta is measured from that start.
     residual : ndarray [layout.total] or None
         The client's error-feedback residual from its last compressed update
         (client-side state, kept for it by the aggregator between rounds).
@@ -51,17 +46,11 @@ class ClientInstructions:
     client_id: int
     round_idx: int
     seed: int
-    prox_mu: float = 0.0
-    p_g: np.ndarray | None = None
-    alpha: np.ndarray | None = None
-    reg_lambda: float = 0.0
-    personal: np.ndarray | None = None
+    terms: tuple[ClientTerm, ...] = ()
+    start: PayloadStart | None = None
     residual: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        _readonly(self.p_g)
-        _readonly(self.alpha)
-        _readonly(self.personal)
         _readonly(self.residual)
 
 

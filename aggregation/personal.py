@@ -3,7 +3,7 @@
 A personalised client keeps its own values of the routed experts between the
 rounds it is sampled in. In a deployment they never leave the device; the
 simulator keeps them with the strategy, keyed by client id, and sends them
-down in ``ClientInstructions.personal`` so that any worker can train the
+down as the client's ``ClientInstructions.start`` so that any worker can train the
 client. Experts come last in the payload's canonical order, so a client's
 experts are one contiguous block, ``layout.expert_block``.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregation.client_terms import PayloadStart
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
 
 
@@ -48,6 +49,11 @@ class PersonalExperts:
         view = values.view()
         view.flags.writeable = False
         return view
+
+    def start_for(self, client_id: int) -> PayloadStart | None:
+        """The client's own experts as its training start (a copy); None for a client never stored."""
+        own = self._values.get(client_id)
+        return None if own is None else PayloadStart(self.start, own.copy())
 
     def start_of(self, client_id: int, global_payload: np.ndarray) -> np.ndarray:
         """The expert block client ``client_id`` trained from: its own, else the global one."""

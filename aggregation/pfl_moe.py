@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from aggregation.messages import ClientInstructions
+from aggregation.options import Options
 from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
 from aggregation.personal import PersonalExperts
 from aggregation.strategy import RoundResult, Strategy, UpdateReader
@@ -25,24 +27,29 @@ from aggregation.weighting import accumulate
 GlobalExperts = Literal["fedavg", "frozen"]
 
 
+class PFLMoEOptions(Options):
+    """What the global experts are."""
+
+    global_experts: GlobalExperts = Field(
+        "fedavg", description="global experts (newcomers, global eval): n-weighted mean of trained ones, or frozen"
+    )
+
+
 class PFLMoE(Strategy):
     """Local experts per client id; shared entries and routers averaged by n_i."""
 
     name = "pfl_moe"
+    options_type = PFLMoEOptions
+    options: PFLMoEOptions
 
-    def __init__(self, layout: PayloadLayout, *, global_experts: GlobalExperts = "fedavg") -> None:
-        if global_experts not in ("fedavg", "frozen"):
-            raise ValueError(f"strategy.pfl_moe.global_experts must be 'fedavg' or 'frozen', got {global_experts!r}")
-        super().__init__(layout)
-        self.global_experts = global_experts
+    def __init__(self, layout: PayloadLayout, options: PFLMoEOptions | None = None) -> None:
+        super().__init__(layout, options)
         self.personal = PersonalExperts(layout)
 
     def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
-        """The client's own experts when it has been sampled before; None (global experts) otherwise."""
-        own = self.personal.get(client_id)
-        return ClientInstructions(
-            client_id=client_id, round_idx=round_idx, seed=seed, personal=None if own is None else own.copy()
-        )
+        """The client starts from its own experts when it has been sampled before, from the global ones otherwise."""
+        return ClientInstructions(client_id=client_id, round_idx=round_idx, seed=seed,
+                                  start=self.personal.start_for(client_id))
 
     def begin(self, global_payload: np.ndarray, *, round_idx: int) -> None:
         """Start the round with a zero float64 sum over the payload and no client seen."""
@@ -76,7 +83,7 @@ class PFLMoE(Strategy):
         a, b = self.personal.start, self.personal.stop
         new = self._global.astype(np.float64)
         new[:a] += self._sum[:a] / total
-        if self.global_experts == "fedavg":
+        if self.options.global_experts == "fedavg":
             new[a:b] = self._sum[a:b] / total
         for cid, theta in self._trained.items():
             self.personal.put(cid, theta)

@@ -17,6 +17,7 @@ import numpy as np
 
 from aggregation.errors import LayoutMismatch
 from aggregation.messages import ClientInstructions, ClientUpdate
+from aggregation.options import Options
 from aggregation.payload import PayloadLayout
 
 
@@ -58,14 +59,30 @@ class RoundResult:
 
 
 class Strategy(ABC):
-    """Base class: one level of inheritance, shared math lives in functions."""
+    """Base class: one level of inheritance, shared math lives in functions.
+
+    ``options_type`` is the strategy's one declaration of its options: the run
+    config validates the user's values with it (a built-in's under its own
+    section of ``strategy``, a user strategy's under ``strategy.options``) and
+    the aggregator passes the validated instance to ``__init__``.
+    """
 
     name: ClassVar[str]
+    options_type: ClassVar[type[Options]] = Options
 
-    def __init__(self, layout: PayloadLayout) -> None:
+    def __init__(self, layout: PayloadLayout, options: Options | None = None) -> None:
+        self.options = options if options is not None else self.options_type()
+        if not isinstance(self.options, self.options_type):
+            raise TypeError(f"{type(self).__name__} takes {self.options_type.__name__}, "
+                            f"got {type(self.options).__name__}")
         self.layout = layout
         self._global: np.ndarray | None = None
         self._round = 0
+
+    @classmethod
+    def reads_routing_stats(cls, options: Options) -> bool:
+        """Whether ``add`` reads the clients' routing statistics (the run refuses ``train.routing_stats=off``)."""
+        return False
 
     def configure(self, client_id: int, round_idx: int, *, seed: int) -> ClientInstructions:
         """Instructions for one sampled client; the default asks for plain local training."""

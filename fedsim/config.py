@@ -10,47 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from aggregation.errors import ConfigError
+from aggregation.fedadam import FedAdamOptions
+from aggregation.fedalign_moe import FedAlignOptions
+from aggregation.fedmoe import FedMoEOptions
+from aggregation.fedprox import FedProxOptions
+from aggregation.options import Options
+from aggregation.pfl_moe import PFLMoEOptions
+from aggregation.registry import is_import_path, strategy_class
+from aggregation.strategy import Strategy
 
 
-class _Section(BaseModel):
-    # no float may be inf or nan (a YAML ``.inf`` learning rate is a typo, not a setting)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """Pydantic reads ``true`` as 1 for a number field (``rounds: true`` would run one round): refuse it.
-
-        Strict mode would also refuse ``1e-3``, which YAML 1.1 reads as a string, so only booleans are refused.
-        """
-        if isinstance(value, bool) and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation)) or {annotation}
-            if bool not in kinds and kinds & {int, float}:
-                raise ValueError("expected a number, not true/false")
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _yaml_off(cls, data: Any) -> Any:
-        """YAML 1.1 reads a bare ``off`` as false: give choice fields that offer "off" the word back."""
-        if not isinstance(data, dict):
-            return data
-        fixed = dict(data)
-        for name, value in data.items():
-            field = cls.model_fields.get(name)
-            if value is False and field is not None and "off" in get_args(field.annotation):
-                fixed[name] = "off"
-        return fixed
-
-
-class PretrainConfig(_Section):
+class PretrainConfig(Options):
     """Causal-LM pretraining of the base when no checkpoint is given (cached by hash)."""
 
     steps: int = Field(3000, ge=0, description="optimiser steps; 0 keeps the random init")
@@ -62,7 +38,7 @@ class PretrainConfig(_Section):
     seed: int = Field(0, ge=0, description="seed of the base's init and pretraining (not the run seed)")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Options):
     """The MoE base: a hub or local checkpoint, or a small model built from these shapes and pretrained."""
 
     family: str = Field(
@@ -94,7 +70,7 @@ class ModelConfig(_Section):
         return self
 
 
-class LoraConfig(_Section):
+class LoraConfig(Options):
     """The LoRA adapters the clients train on the frozen base: rank, scale and which modules get one."""
 
     rank: int = Field(8, ge=1)
@@ -108,7 +84,7 @@ class LoraConfig(_Section):
     )
 
 
-class DataConfig(_Section):
+class DataConfig(Options):
     """The dataset, its schema and scoring, and its split into a test set and the clients' non-IID shards."""
 
     source: str = Field(
@@ -170,7 +146,7 @@ class DataConfig(_Section):
         return self.option_score or ("mean" if self.format == "hellaswag" else "sum")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Options):
     """A client's local training in a round: optimiser, steps, loss and how its routing statistics are read."""
 
     lr: float = Field(2e-3, gt=0)
@@ -181,9 +157,6 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
     loss: Literal["label_words", "vocab"] = Field(
         "label_words", description="cross-entropy over the label words only (verbaliser) or over the whole vocabulary"
-    )
-    routing_reg: Literal["token", "batch"] = Field(
-        "token", description="FedAlign-MoE regulariser: per-token top-k form (spec) or batch-level KL"
     )
     gradient_checkpointing: bool = Field(
         False,
@@ -210,75 +183,67 @@ class TrainConfig(_Section):
         return rows + (n_examples / 2 if self.routing_stats == "after" else 0.0)
 
 
-class FedAlignConfig(_Section):
-    """FedAlign-MoE options (spec ../shared/spec/fedalign_moe.md); defaults are the full method."""
+class StrategyConfig(Options):
+    """The server's aggregation strategy (``name``), its options, and the update guard's norm limit.
 
-    reg_lambda: float = Field(0.1, ge=0, description="λ of the client routing regulariser")
-    gating: Literal["consistency", "uniform", "off"] = "consistency"
-    score_mode: Literal["om", "o", "m", "uniform"] = "om"
-    adaptive_alpha: bool = True
-    router_merge: Literal["omega", "fedavg"] = "omega"
-    semantic: bool = True
-    beta: float = Field(1.0, description="τ = M − β·Σ")
-    gate: Literal["hard", "soft"] = "hard"
-    soft_temperature: float = Field(0.05, gt=0)
-    direction_consensus: bool = Field(True, description="eq. 10's max(D, 0) factor in γ; false: the σ gate alone")
-    expert_agg: Literal["global", "personalized"] = Field(
-        "global", description="personalized: each client also keeps its γ-weighted view of every expert"
-    )
+    Each built-in strategy's options are its own type (``options_type``, next to
+    its code), embedded here as one section; a user's strategy, named by import
+    path, takes its options under ``options``, validated by its own type.
+    """
 
-    @model_validator(mode="after")
-    def _personalized_needs_semantic(self) -> FedAlignConfig:
-        if self.expert_agg == "personalized" and not self.semantic:
-            raise ValueError("expert_agg='personalized' needs semantic=true (the views are weighted by γ)")
-        return self
-
-
-class FedMoEConfig(_Section):
-    """FedMoE-style baseline: each expert averaged by the clients' usage counts."""
-
-    router_weighting: Literal["usage", "n"] = Field("usage", description="router row e by usage of e, or by n_i")
-
-
-class PFLMoEConfig(_Section):
-    """PFL-MoE-style baseline: experts kept per client, shared parts and routers FedAvg'd."""
-
-    global_experts: Literal["fedavg", "frozen"] = Field(
-        "fedavg", description="global experts (newcomers, global eval): n-weighted mean of trained ones, or frozen"
-    )
-
-
-class FedAdamConfig(_Section):
-    """Server Adam on the averaged update (Reddi et al., 2021)."""
-
-    server_lr: float = Field(0.01, gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
-
-
-class StrategyConfig(_Section):
-    """The server's aggregation strategy (``name``), its options, and the update guard's norm limit."""
-
-    name: Literal["fedavg", "fedprox", "fedadam", "fedmoe", "pfl_moe", "fedalign_moe"] = "fedavg"
-    prox_mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="FedProx μ")
-    fedadam: FedAdamConfig = FedAdamConfig()
-    fedmoe: FedMoEConfig = FedMoEConfig()
-    pfl_moe: PFLMoEConfig = PFLMoEConfig()
-    fedalign: FedAlignConfig = FedAlignConfig()
+    name: str = Field("fedavg", description="a built-in's name, or a class as 'package.module:Class'")
+    fedprox: FedProxOptions = FedProxOptions()
+    fedadam: FedAdamOptions = FedAdamOptions()
+    fedmoe: FedMoEOptions = FedMoEOptions()
+    pfl_moe: PFLMoEOptions = PFLMoEOptions()
+    fedalign: FedAlignOptions = FedAlignOptions()
+    options: dict[str, Any] | None = Field(None, description="a strategy named by import path: its options")
     max_update_norm: float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="reject client updates whose L2 norm exceeds this; NaN/Inf and wrong layouts are always rejected",
     )
 
+    @model_validator(mode="after")
+    def _known_strategy(self) -> StrategyConfig:
+        """Resolve ``name`` and validate a user strategy's ``options`` now: a bad one fails before Ray starts.
+
+        Raises ConfigError (not ValueError) so its message, which names the dotted field, reaches the user as is.
+        """
+        cls = strategy_class(self.name)
+        if not is_import_path(self.name):
+            if self.options is not None:
+                section = _SECTIONS.get(self.name)
+                where = f"its options are under strategy.{section}" if section else "it takes no options"
+                raise ConfigError(f"strategy.options: only for a strategy named by import path; {self.name}: {where}")
+            return self
+        try:
+            cls.options_type.model_validate(self.options or {})
+        except ValidationError as err:
+            raise ConfigError(_format_error(err, prefix="strategy.options")) from None
+        return self
+
+    def strategy_class(self) -> type[Strategy]:
+        """The configured strategy's class."""
+        return strategy_class(self.name)
+
+    def strategy_options(self) -> Options:
+        """The configured strategy's options, of its own ``options_type``."""
+        if is_import_path(self.name):
+            return self.strategy_class().options_type.model_validate(self.options or {})
+        section = _SECTIONS.get(self.name)
+        return getattr(self, section) if section else Options()
+
     def needs_routing_stats(self) -> bool:
         """Whether the server reads the clients' routing statistics."""
-        if self.name == "fedmoe":
-            return True
-        return self.name == "fedalign_moe" and (self.fedalign.gating != "off" or self.fedalign.semantic)
+        return self.strategy_class().reads_routing_stats(self.strategy_options())
 
 
-class WorkersConfig(_Section):
+# the section of StrategyConfig that holds each built-in's options
+_SECTIONS = {"fedprox": "fedprox", "fedadam": "fedadam", "fedmoe": "fedmoe", "pfl_moe": "pfl_moe",
+             "fedalign_moe": "fedalign"}
+
+
+class WorkersConfig(Options):
     """The Ray worker pool: how many workers, their CPUs and GPUs, placement and failure handling."""
 
     num_workers: int = Field(0, ge=0, description="0: as many as the CPUs (or GPUs) allow")
@@ -299,7 +264,7 @@ class WorkersConfig(_Section):
     )
 
 
-class EngineConfig(_Section):
+class EngineConfig(Options):
     """How a client is trained: one process (torch) or a worker group with experts sharded (deepspeed)."""
 
     backend: Literal["torch", "deepspeed"] = Field(
@@ -320,14 +285,14 @@ class EngineConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Options):
     """Evaluation of the global model on the test set: every ``every`` rounds, in batches of ``batch_size``."""
 
     every: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
 
 
-class FaultsConfig(_Section):
+class FaultsConfig(Options):
     """Fault injection for testing failure handling, in the rounds ``fail_rounds`` (empty: every round)."""
 
     fail_clients: list[int] = Field(default_factory=list, description="these clients raise")
@@ -335,7 +300,7 @@ class FaultsConfig(_Section):
     fail_rounds: list[int] = Field(default_factory=list, description="empty: every round")
 
 
-class CompressionConfig(_Section):
+class CompressionConfig(Options):
     """Lossy encoding of client updates on the uplink (aggregation/compression.py); bytes counted as encoded."""
 
     uplink: Literal["none", "fp16", "bf16", "int8", "topk"] = Field(
@@ -345,7 +310,7 @@ class CompressionConfig(_Section):
     error_feedback: bool = Field(True, description="carry what the codec dropped to the client's next round")
 
 
-class SystemConfig(_Section):
+class SystemConfig(Options):
     """Systems heterogeneity on a simulated clock (aggregation/virtual_clock.py)."""
 
     profiles: str = Field(
@@ -381,7 +346,7 @@ class SystemConfig(_Section):
         return self
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Options):
     """Optional outputs beyond the run's tables: TensorBoard scalars and the aggregator's memory reading."""
 
     tensorboard: bool = Field(False, description="TensorBoard scalars under RUN_DIR/tensorboard (needs the extra)")
@@ -390,13 +355,13 @@ class LoggingConfig(_Section):
     )
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Options):
     """Run state written after every ``every`` rounds (and the last) for ``fedsim resume``."""
 
     every: int = Field(1, ge=0, description="rounds between checkpoints; 0 disables them")
 
 
-class RunConfig(_Section):
+class RunConfig(Options):
     """One run's whole configuration: its name, seed, rounds and cohort, and one section per concern."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -515,14 +480,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, prefix: str = "") -> str:
     """The first error as ``field.path: what is wrong (got value)``.
 
     A check across sections (``RunConfig``'s own validator) has no location;
     its message starts with the field it names.
     """
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join([prefix] * bool(prefix) + [str(p) for p in first["loc"]])
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -571,6 +536,18 @@ def read_yaml_file(path: Path, field: str) -> Any:
         raise ConfigError(f"{path}{where}: not valid YAML") from None
 
 
+# keys an earlier release had, and where they are now: an old config fails with the new place named
+_MOVED = {"strategy.prox_mu": "strategy.fedprox.mu", "train.routing_reg": "strategy.fedalign.reg_form"}
+
+
+def _refuse_moved(tree: dict[str, Any]) -> None:
+    for old, new in _MOVED.items():
+        section, key = old.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            raise ConfigError(f"{old}: moved to {new}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (if given), apply overrides, validate; raise ConfigError naming the field or file."""
     tree: dict[str, Any] = {}
@@ -586,6 +563,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         tree = loaded
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    _refuse_moved(tree)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

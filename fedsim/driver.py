@@ -32,17 +32,18 @@ import yaml
 
 from actors import (
     Aggregator,
-    RoundSummary,
     WorkerPool,
     count_finished,
     embedded_system_config,
     gpu_total_bytes,
     resolve_num_workers,
 )
+from actors.aggregator import instruction_refs
 from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import ConfigError, FedsimError, RunFailed
 from aggregation.messages import ClientUpdate
 from aggregation.payload import PayloadLayout
+from aggregation.round_fold import RoundSummary
 from aggregation.routing_stats import total_variation
 from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
 from fedsim import environment
@@ -491,7 +492,7 @@ def _loop(
             if system.policy == "over_select" else cfg.clients_per_round
         cohort = sampler.sample(online, count)
         log.debug("round %d cohort %s (%d of %d clients online)", r, cohort, len(online), cfg.data.num_clients)
-        instructions = ray.get(aggregator.configure.remote(r, cohort, [client_seed(cfg.seed, r, c) for c in cohort]))
+        instructions = instruction_refs(aggregator, r, cohort, [client_seed(cfg.seed, r, c) for c in cohort])
         rows = [prepared.partitions[c] for c in cohort]
         refs = pool.submit(payload_ref, instructions, rows, [cfg.train.client_work(len(ix)) for ix in rows])
         new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs, clock)
@@ -620,7 +621,7 @@ def _loop_async(
         if not clients:
             return
         seeds = [client_seed(cfg.seed, version + 1, c) for c in clients]
-        instructions = ray.get(aggregator.configure.remote(version + 1, clients, seeds))
+        instructions = instruction_refs(aggregator, version + 1, clients, seeds)
         rows = [prepared.partitions[c] for c in clients]
         refs = pool.submit(versions[version], instructions, rows, [cfg.train.client_work(len(ix)) for ix in rows])
         flights.extend(Flight(c, start_s, version, ref) for c, ref in zip(clients, refs, strict=True))
@@ -718,7 +719,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "round": r,
         "test_loss": float("nan"),
         "test_accuracy": float("nan"),
-        "train_loss": sum(c["train_loss"] * c["n_examples"] for c in trusted) / n if n else float("nan"),
+        "train_loss": s.metric("train_loss"),  # Σ loss over the rows trained / Σ rows trained, trusted clients
         "clients_sampled": len(cohort),
         "clients_completed": len(clients),
         "clients_failed": len(s.failures),
@@ -727,9 +728,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "routing_tv": _mean_pairwise_tv(s.routing_p_bar),
-        "compression_error": (
-            (sum(c["compression_error"] * c["n_examples"] for c in trusted) / n) if n else float("nan")
-        ),
+        "compression_error": s.metric("compression_error"),
         "compute_s_sum": compute,
         "train_wall_s": train_wall,
         "overhead_ratio": train_wall / (compute / workers) if compute else float("nan"),

@@ -2,8 +2,10 @@
 
 ``submit`` validates the configuration here first (a bad key never reaches the
 cluster), then stages what the job needs in a temporary ``working_dir``: the
-three packages, ``pyproject.toml``, ``requirements.txt`` and the resolved
-configuration as ``job_config.yaml``. The job's first step,
+three packages, ``pyproject.toml``, ``requirements.txt``, the resolved
+configuration as ``job_config.yaml`` and, for a strategy named by import path,
+the top-level module or package that holds it (so the job's driver, aggregator
+and workers import it from the working directory). The job's first step,
 ``python -m fedsim.envcheck``, checks that the cluster's ``python`` has the
 pinned packages (one line naming the first missing one and the remedies,
 instead of an import traceback). Paths in the configuration (``out_dir``, ``cache_dir``, a
@@ -15,6 +17,7 @@ driver to the cluster instead of starting an embedded Ray.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 import time
@@ -25,6 +28,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from aggregation.errors import ConfigError
+from aggregation.registry import is_import_path
 from fedsim import environment
 from fedsim.config import RunConfig, load_config
 from fedsim.data.local import looks_like_path
@@ -77,8 +81,28 @@ def stage(cfg: RunConfig) -> Path:
         shutil.copytree(PROJECT / package, staging / package, ignore=ignore)
     for name in ("pyproject.toml", "requirements.txt"):  # requirements.txt: what fedsim.envcheck checks in the job
         shutil.copy2(PROJECT / name, staging / name)
+    user = _user_strategy_source(cfg)
+    if user is not None and user.is_dir():
+        shutil.copytree(user, staging / user.name, ignore=ignore)
+    elif user is not None:
+        shutil.copy2(user, staging / user.name)
     (staging / "job_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return staging
+
+
+def _user_strategy_source(cfg: RunConfig) -> Path | None:
+    """The file or package directory of a user strategy's top-level module; None for a built-in.
+
+    The config was validated, so the module imports here.
+    """
+    if not is_import_path(cfg.strategy.name):
+        return None
+    top = cfg.strategy.name.partition(":")[0].split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"strategy.name: cannot find the source of module {top!r} to ship with the job")
+    origin = Path(spec.origin)
+    return origin.parent if spec.submodule_search_locations else origin
 
 
 def submit(address: str, cfg: RunConfig, *, pip: bool = False, run_dir_name: str | None = None) -> tuple[str, Path]:

@@ -14,7 +14,7 @@ import pytest
 from fedsim.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*/README.md"))]
 IDS = [str(doc.relative_to(ROOT)) for doc in DOCS]
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
@@ -46,7 +46,10 @@ def relative_links(doc: Path) -> list[str]:
 
 
 def run_commands(doc: Path) -> list[list[str]]:
-    """The arguments after ``fedsim run`` (or ``python -m fedsim run``) of each such line in a fenced block."""
+    """The arguments after ``fedsim run`` (or ``python -m fedsim run``) of each such line in a fenced block.
+
+    A ``PYTHONPATH=dir`` before the command comes first, as given (a user strategy's directory).
+    """
     commands = []
     for block in FENCE.findall(doc.read_text()):
         for line in block.replace("\\\n", " ").splitlines()[1:-1]:
@@ -55,7 +58,7 @@ def run_commands(doc: Path) -> list[list[str]]:
             tokens = shlex.split(line, comments=True)
             for i in range(len(tokens) - 1):
                 if tokens[i].endswith("fedsim") and tokens[i + 1] == "run":
-                    commands.append(tokens[i + 2:])
+                    commands.append([t for t in tokens[:i] if t.startswith("PYTHONPATH=")] + tokens[i + 2:])
                     break
     return commands
 
@@ -74,9 +77,12 @@ def test_relative_links_reach_a_file_and_heading(doc: Path) -> None:
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=IDS)
-def test_run_commands_name_a_config_and_valid_overrides(doc: Path) -> None:
+def test_run_commands_name_a_config_and_valid_overrides(doc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = []
     for args in run_commands(doc):
+        for path in [a.partition("=")[2] for a in args if a.startswith("PYTHONPATH=")]:
+            monkeypatch.syspath_prepend(str(ROOT / path))  # the command's user strategy imports, as in the shell
+        args = [a for a in args if not a.startswith("PYTHONPATH=")]
         args = [a for a in args if a != "..." and not a.startswith("<")]  # placeholders
         config, overrides, skip_next = None, [], False
         for i, arg in enumerate(args):

@@ -64,7 +64,7 @@ class DeepSpeedEngine(TorchEngine):
         join_group(group, backend="nccl" if on_gpu else "gloo", timeout_s=spec.timeout_s)
         self.shard: ExpertShard | None = None
         super().__init__(spec)  # builds the HF + peft model and its layout, then calls _place
-        self._prox_weights = [float(group.size) if is_moe_param(p) else 1.0 for p in self.trainable]
+        self._param_weights = [float(group.size) if is_moe_param(p) else 1.0 for p in self.trainable]
 
     # -- TorchEngine overrides -------------------------------------------------------------------------
     def _place(self) -> None:

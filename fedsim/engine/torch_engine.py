@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aggregation.client_terms import TermInputs
 from aggregation.compression import encode
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
@@ -34,7 +35,6 @@ from fedsim.engine.option_scoring import (
     option_scores,
     token_log_likelihoods,
 )
-from fedsim.engine.routing_regulariser import routing_regulariser
 from fedsim.models import (
     RoutingRecorder,
     apply_lora,
@@ -121,7 +121,7 @@ class TorchEngine:
         self.initial_payload = read_payload(self.model, self.layout)
         self._place()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._prox_weights = [1.0] * len(self.trainable)
+        self._param_weights = [1.0] * len(self.trainable)  # see TermInputs.param_weights
         split = ChoiceSplit if spec.task == "choice" else EncodedSplit
         self.train_split: EncodedSplit | ChoiceSplit = split.load(spec.train_path)
         self.test_split: EncodedSplit | ChoiceSplit = split.load(spec.test_path)
@@ -223,13 +223,6 @@ class TorchEngine:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return cast(torch.Tensor, self._body.lm_head(hidden[rows, label_pos]))
 
-    def _reg_targets(self, instructions: ClientInstructions) -> tuple[torch.Tensor, torch.Tensor]:
-        """p_g [L, E] and α [L, E] (ones when not sent) as tensors on the model's device."""
-        p_g = torch.tensor(instructions.p_g, dtype=torch.float32, device=self.device)  # copies the read-only array
-        if instructions.alpha is None:
-            return p_g, torch.ones_like(p_g)
-        return p_g, torch.tensor(instructions.alpha, dtype=torch.float32, device=self.device)
-
     def _loss(
         self, logits: torch.Tensor, tok: torch.Tensor, label: torch.Tensor, reduction: str = "mean"
     ) -> torch.Tensor:
@@ -258,14 +251,12 @@ class TorchEngine:
         if len(indices) == 0:
             raise ClientFailure(cid, rnd, "client has no training examples")
 
-        if instructions.personal is not None:  # a personalised client starts from its own experts
+        if instructions.start is not None:  # e.g. a personalised client's own experts
+            if instructions.start.stop > self.layout.total:
+                raise ClientFailure(cid, rnd, f"the start reaches payload index {instructions.start.stop}, "
+                                              f"the layout has {self.layout.total}")
             payload = payload.copy()
-            a, b = self.layout.expert_block
-            if instructions.personal.shape != (b - a,):
-                raise ClientFailure(
-                    cid, rnd, f"personal experts have shape {instructions.personal.shape}, layout needs ({b - a},)"
-                )
-            payload[a:b] = instructions.personal
+            payload[instructions.start.offset : instructions.start.stop] = instructions.start.values
         self._load(payload)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -274,7 +265,10 @@ class TorchEngine:
         gen = torch.Generator().manual_seed(instructions.seed)
         torch.manual_seed(instructions.seed)  # dropout
         step = self._optimizer()
-        anchor = [p.detach().clone() for p in self.trainable] if instructions.prox_mu > 0 else None
+        terms = [t.bind(self.device) for t in instructions.terms]
+        reads_routing = any(t.reads_routing for t in instructions.terms)
+        start_values = [p.detach().clone() for p in self.trainable] if any(t.reads_start for t in instructions.terms) \
+            else []
 
         self.model.train()
         loss_sum, seen, steps = 0.0, 0, 0
@@ -282,11 +276,9 @@ class TorchEngine:
         n = len(indices)
         data = self.train_split.take(indices)  # this client's rows only, read once
         during = cfg.routing_stats == "during"
-        regularise = instructions.reg_lambda > 0 and instructions.p_g is not None
-        if regularise:
-            p_g, alpha = self._reg_targets(instructions)
         hooks = (
-            RoutingRecorder(self.model, keep_probs=regularise, collect_stats=during) if during or regularise else None
+            RoutingRecorder(self.model, keep_probs=reads_routing, collect_stats=during)
+            if during or reads_routing else None
         )
         with hooks if hooks is not None else contextlib.nullcontext() as recorder, self._profiled() as profile:
             for _ in range(cfg.local_epochs):
@@ -298,20 +290,15 @@ class TorchEngine:
                     batch = data.rows(rows)
                     loss, _, _ = self._examples(batch, recorder)
                     total = loss * share
-                    if regularise:
-                        # FedAlign-MoE: L = L_task + λ·L_reg toward p_g (spec, Module 1 regularisation).
-                        assert recorder is not None  # regularise: hooks record the probabilities
-                        reg = routing_regulariser(
-                            recorder.probs, recorder.masks, p_g, alpha, top_k=self.top_k, form=cfg.routing_reg
+                    if terms:  # the strategy's client side (aggregation.client_terms)
+                        inputs = TermInputs(
+                            params=self.trainable, start=start_values, param_weights=self._param_weights,
+                            probs=recorder.probs if recorder is not None and reads_routing else [],
+                            masks=recorder.masks if recorder is not None and reads_routing else [],
+                            top_k=self.top_k,
                         )
-                        total = total + instructions.reg_lambda * reg
-                    if anchor is not None:
-                        # FedProx: (μ/2)·‖θ − θ_g‖² over the trainable payload.
-                        prox = sum(
-                            w * ((p - a) ** 2).sum()
-                            for p, a, w in zip(self.trainable, anchor, self._prox_weights, strict=True)
-                        )
-                        total = total + 0.5 * instructions.prox_mu * prox
+                        for term in terms:
+                            total = total + term(inputs)
                     step(total)
                     batch_loss, batch_seen = self._sum(
                         [loss.item() * len(batch) * (share > 0), len(batch) * (share > 0)]
@@ -354,8 +341,9 @@ class TorchEngine:
             delta = encoded.values
             up.update(encoded.nbytes)
             metrics["compression_error"] = (encoded.relative_error * n, float(n))
-        if instructions.personal is not None:  # its own experts stay on the client
-            down = {k: 0 if k.startswith("expert/") else v for k, v in up.items()}
+        if instructions.start is not None:  # what it started from was its own, not sent down
+            spans = self.layout.class_spans()
+            down = {k: 0 if instructions.start.covers(spans[k]) else v for k, v in down.items()}
         up["routing_stats"] = sum(s.nbytes for s in routing)
         return ClientUpdate(
             client_id=cid,

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from aggregation import (
     ArrayReader,
+    ClientInstructions,
     ClientUpdate,
     EntrySpec,
     FedAlignMoE,
@@ -18,6 +20,7 @@ from aggregation import (
     FedAvg,
     LayoutMismatch,
     PayloadLayout,
+    RoutingRegulariserTerm,
     RoutingStats,
 )
 
@@ -66,15 +69,29 @@ def _run(strategy, global_payload, readers, round_idx: int = 1):
 SAME_MU = [[1.0, 0.0], [0.0, 1.0]]
 
 
+def _term(ins: ClientInstructions) -> RoutingRegulariserTerm:
+    """The one client-side term FedAlign-MoE sends: its routing regulariser."""
+    assert len(ins.terms) == 1
+    term = ins.terms[0]
+    assert isinstance(term, RoutingRegulariserTerm)
+    return term
+
+
+def _own(ins: ClientInstructions, layout: PayloadLayout) -> np.ndarray:
+    """The client's own experts it is told to start from, checked to sit at the layout's expert block."""
+    assert ins.start is not None
+    assert ins.start.offset == layout.expert_block[0]
+    assert ins.start.stop == layout.expert_block[1]
+    return ins.start.values
+
+
 class TestConfigure:
-    def test_round_one_sends_uniform_p_g_unit_alpha_and_no_regulariser(self):
+    def test_round_one_sends_no_regulariser_before_a_p_g_target_exists(self):
         # Execute
         ins = FedAlignMoE(_layout(2)).configure(3, 1, seed=7)
 
-        # Assert
-        np.testing.assert_array_equal(ins.p_g, np.full((2, E), 0.5))
-        np.testing.assert_array_equal(ins.alpha, np.ones((2, E)))
-        assert ins.reg_lambda == 0.0
+        # Assert: plain local training (no term, no start)
+        assert ins == ClientInstructions(client_id=3, round_idx=1, seed=7)
 
     def test_later_round_sends_lambda_new_p_g_and_alpha_of_seen_clients_only(self):
         # Prepare: client 1 routes confidently to expert 0 only
@@ -87,17 +104,59 @@ class TestConfigure:
         seen, unseen = strategy.configure(1, 2, seed=0), strategy.configure(2, 2, seed=0)
 
         # Assert: o = [.8, .2] (p_g was uniform), s = [.32, 0], α = [1, 0]; p_g = p̄ of the only client
-        assert seen.reg_lambda == unseen.reg_lambda == 0.1
-        np.testing.assert_allclose(seen.p_g, [[0.8, 0.2]])
-        np.testing.assert_allclose(seen.alpha, [[1.0, 0.0]])
-        np.testing.assert_array_equal(unseen.alpha, [[1.0, 1.0]])
+        assert _term(seen).weight == _term(unseen).weight == 0.1
+        assert _term(seen).form == _term(unseen).form == "token"
+        np.testing.assert_allclose(_term(seen).p_g, [[0.8, 0.2]])
+        np.testing.assert_allclose(_term(unseen).p_g, [[0.8, 0.2]])
+        np.testing.assert_allclose(_term(seen).alpha, [[1.0, 0.0]])
+        np.testing.assert_array_equal(_term(unseen).alpha, [[1.0, 1.0]])
+        assert seen.start is None and unseen.start is None
+
+    @pytest.mark.parametrize(
+        ("options", "weight", "alpha", "form"),
+        [
+            (FedAlignOptions(adaptive_alpha=False), 0.1, [[1.0, 1.0]], "token"),
+            (FedAlignOptions(reg_lambda=0.5, reg_form="batch"), 0.5, [[1.0, 0.0]], "batch"),
+            (FedAlignOptions(reg_lambda=0.0), None, None, None),
+        ],
+    )
+    def test_options_shape_the_regulariser_sent_after_a_round(self, options, weight, alpha, form):
+        # Prepare: the same client as above
+        strategy = FedAlignMoE(_layout(), options)
+        layout = strategy.layout
+        _run(strategy, layout.zeros(),
+             [_reader(1, 1, layout.zeros(), [_stats(SAME_MU, p_bar=(0.8, 0.2), margin=(0.4, 0.0))])])
+
+        # Execute
+        ins = strategy.configure(1, 2, seed=0)
+
+        # Assert: α = 1 without adaptive α, λ and the form from the options, no term when λ = 0
+        if weight is None:
+            assert ins.terms == ()
+            return
+        assert (_term(ins).weight, _term(ins).form) == (weight, form)
+        np.testing.assert_allclose(_term(ins).alpha, alpha)
 
     def test_gating_off_sends_neither_p_g_nor_alpha_nor_lambda(self):
         # Execute
         ins = FedAlignMoE(_layout(), FedAlignOptions(gating="off")).configure(3, 4, seed=7)
 
         # Assert
-        assert (ins.p_g, ins.alpha, ins.reg_lambda) == (None, None, 0.0)
+        assert ins.terms == ()
+        assert ins == ClientInstructions(client_id=3, round_idx=4, seed=7)
+
+    @pytest.mark.parametrize(
+        ("options", "reads"),
+        [
+            (FedAlignOptions(), True),
+            (FedAlignOptions(gating="off"), True),
+            (FedAlignOptions(semantic=False), True),
+            (FedAlignOptions(gating="off", semantic=False), False),
+        ],
+    )
+    def test_reads_routing_stats_unless_both_modules_are_off(self, options, reads):
+        # Execute / Assert
+        assert FedAlignMoE.reads_routing_stats(options) is reads
 
 
 class TestFinish:
@@ -184,8 +243,8 @@ class TestFinish:
 
         # Assert: rows .1·1 + .9·(−1) = −.8; p_g = [.1, .9]
         np.testing.assert_allclose(result.payload[ra:rb], -0.8, rtol=1e-6)
-        np.testing.assert_allclose(strategy.configure(0, 2, seed=0).p_g, [[0.1, 0.9]])
-        assert strategy.configure(0, 2, seed=0).reg_lambda == 0.1
+        np.testing.assert_allclose(_term(strategy.configure(0, 2, seed=0)).p_g, [[0.1, 0.9]])
+        assert _term(strategy.configure(0, 2, seed=0)).weight == 0.1
 
     def test_expert_used_by_one_client_only_keeps_its_value(self):
         # Prepare: only client 0 routed tokens to expert 1
@@ -322,9 +381,9 @@ class TestState:
         # Assert
         assert restored.state_dict() == state
         a, b = strategy.configure(5, 2, seed=1), restored.configure(5, 2, seed=1)
-        np.testing.assert_array_equal(a.p_g, b.p_g)
-        np.testing.assert_array_equal(a.alpha, b.alpha)
-        assert a.reg_lambda == b.reg_lambda == 0.1
+        np.testing.assert_array_equal(_term(a).p_g, _term(b).p_g)
+        np.testing.assert_array_equal(_term(a).alpha, _term(b).alpha)
+        assert _term(a).weight == _term(b).weight == 0.1
 
     def test_load_state_dict_raises_naming_the_field_when_p_g_has_the_wrong_shape(self):
         # Prepare
@@ -385,7 +444,7 @@ class TestFailure:
 
     def test_personalized_needs_semantic_aggregation(self):
         # Execute / Assert
-        with pytest.raises(ValueError, match="expert_agg='personalized' needs strategy.semantic"):
+        with pytest.raises(ValidationError, match="expert_agg='personalized' needs semantic=true"):
             FedAlignOptions(expert_agg="personalized", semantic=False)
 
     def test_personalized_clients_keep_their_gamma_weighted_view_and_train_from_it(self):
@@ -403,12 +462,12 @@ class TestFailure:
 
         # Assert: views — expert 0: (1 + 3)/2 for both; expert 1: γ_01 = 0, each keeps its own θ
         block = layout.expert_block[0]
-        own0, own1 = strategy.configure(0, 2, seed=0).personal, strategy.configure(1, 2, seed=0).personal
+        own0, own1 = _own(strategy.configure(0, 2, seed=0), layout), _own(strategy.configure(1, 2, seed=0), layout)
         np.testing.assert_allclose(own0[a0 - block : b0 - block], 2.0)
         np.testing.assert_allclose(own1[a0 - block : b0 - block], 2.0)
         np.testing.assert_allclose(own0[a1 - block : b1 - block], 1.0)
         np.testing.assert_allclose(own1[a1 - block : b1 - block], -1.0)
-        assert strategy.configure(2, 2, seed=0).personal is None
+        assert strategy.configure(2, 2, seed=0).start is None
         # the global merge is eq. 12 as without the option: π = [1, 3]/4 on expert 0, expert 1 kept
         np.testing.assert_allclose(result.payload[a0:b0], 0.25 * 1 + 0.75 * 3)
         np.testing.assert_array_equal(result.payload[a1:b1], 0.0)
@@ -418,10 +477,10 @@ class TestFailure:
         _run(strategy, g, [_reader(0, 1, layout.zeros(), [_stats(SAME_MU)], round_idx=2)], round_idx=2)
 
         # Assert
-        np.testing.assert_allclose(strategy.configure(0, 3, seed=0).personal, own0)
+        np.testing.assert_allclose(_own(strategy.configure(0, 3, seed=0), layout), own0)
         restored = FedAlignMoE(layout, FedAlignOptions(expert_agg="personalized"))
         restored.load_state_dict(strategy.state_dict())
-        np.testing.assert_allclose(restored.configure(0, 3, seed=0).personal, own0)
+        np.testing.assert_allclose(_own(restored.configure(0, 3, seed=0), layout), own0)
 
     @pytest.mark.parametrize(
         ("field", "value"),
@@ -435,5 +494,6 @@ class TestFailure:
     )
     def test_options_raise_naming_the_field_when_a_value_is_invalid(self, field, value):
         # Execute / Assert
-        with pytest.raises(ValueError, match=rf"strategy\.{field}"):
+        with pytest.raises(ValidationError) as err:
             FedAlignOptions(**{field: value})
+        assert [e["loc"] for e in err.value.errors()] == [(field,)]

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from aggregation import ArrayReader, ClientUpdate, EntrySpec, FedAvg, LayoutMismatch, PayloadLayout, RoutingStats
-from aggregation.fedmoe import FedMoE
+from aggregation.fedmoe import FedMoE, FedMoEOptions
 
 E = 2
 
@@ -72,7 +73,8 @@ def test_expert_nobody_used_keeps_its_value_and_router_row_too():
 
 def test_router_weighting_n_averages_router_rows_by_examples():
     # Execute
-    result = _run(FedMoE(_layout(), router_weighting="n"), [_reader(1, 1, D1, [3, 1]), _reader(2, 3, D2, [1, 0])])
+    strategy = FedMoE(_layout(), FedMoEOptions(router_weighting="n"))
+    result = _run(strategy, [_reader(1, 1, D1, [3, 1]), _reader(2, 3, D2, [1, 0])])
 
     # Assert: router rows 1/4·[4, 8] + 3/4·[8, 0]
     np.testing.assert_allclose(result.payload[2:4], [7, 2])
@@ -90,8 +92,9 @@ def test_missing_routing_statistics_name_the_config_field():
 
 
 def test_bad_router_weighting_is_rejected():
-    with pytest.raises(ValueError, match="router_weighting"):
-        FedMoE(_layout(), router_weighting="counts")
+    with pytest.raises(ValidationError) as err:
+        FedMoEOptions(router_weighting="counts")
+    assert [e["loc"] for e in err.value.errors()] == [("router_weighting",)]
 
 
 def test_empty_round_keeps_global():

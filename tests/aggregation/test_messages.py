@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from aggregation import ClientInstructions, ClientUpdate, RoutingStats
+from aggregation import (
+    ClientInstructions,
+    ClientUpdate,
+    PayloadStart,
+    ProximalTerm,
+    RoutingRegulariserTerm,
+    RoutingStats,
+)
 
 
 def _update(**kw) -> ClientUpdate:
@@ -21,24 +28,38 @@ class TestClientInstructions:
         # Prepare
         p_g = np.full((2, 3), 1 / 3)
         alpha = np.ones((2, 3))
+        own = np.zeros(4, dtype=np.float32)
+        residual = np.zeros(6, dtype=np.float32)
 
         # Execute
-        ins = ClientInstructions(client_id=1, round_idx=1, seed=7, p_g=p_g, alpha=alpha)
+        ins = ClientInstructions(
+            client_id=1, round_idx=1, seed=7, terms=(RoutingRegulariserTerm(0.1, p_g, alpha),),
+            start=PayloadStart(2, own), residual=residual,
+        )
 
         # Assert
-        assert not ins.p_g.flags.writeable
-        assert not ins.alpha.flags.writeable
+        term = ins.terms[0]
+        assert isinstance(term, RoutingRegulariserTerm)
+        assert ins.start is not None and ins.residual is not None
+        assert not term.p_g.flags.writeable
+        assert not term.alpha.flags.writeable
+        assert not ins.start.values.flags.writeable
+        assert not ins.residual.flags.writeable
         with pytest.raises(ValueError, match="read-only"):
-            ins.p_g[0, 0] = 1.0
+            term.p_g[0, 0] = 1.0
         with pytest.raises(ValueError, match="read-only"):
-            ins.alpha[1, 2] = 0.0
+            term.alpha[1, 2] = 0.0
+        with pytest.raises(ValueError, match="read-only"):
+            ins.start.values[0] = 1.0
+        with pytest.raises(ValueError, match="read-only"):
+            ins.residual[0] = 1.0
 
     def test_defaults_disable_every_client_side_term_when_not_given(self):
         # Execute
         ins = ClientInstructions(client_id=1, round_idx=3, seed=9)
 
         # Assert
-        assert (ins.prox_mu, ins.p_g, ins.alpha, ins.reg_lambda) == (0.0, None, None, 0.0)
+        assert (ins.terms, ins.start, ins.residual) == ((), None, None)
 
     def test_fields_cannot_be_reassigned_when_frozen(self):
         # Prepare
@@ -46,7 +67,7 @@ class TestClientInstructions:
 
         # Execute / Assert
         with pytest.raises(dataclasses.FrozenInstanceError):
-            ins.prox_mu = 0.5  # type: ignore[misc]
+            ins.terms = (ProximalTerm(0.5),)  # type: ignore[misc]
 
 
 class TestClientUpdate:

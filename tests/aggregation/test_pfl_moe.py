@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from aggregation import ArrayReader, ClientUpdate, EntrySpec, FedAvg, PayloadLayout
-from aggregation.pfl_moe import PFLMoE
+from aggregation.pfl_moe import PFLMoE, PFLMoEOptions
 
 
 def _layout() -> PayloadLayout:
@@ -21,6 +22,14 @@ def _layout() -> PayloadLayout:
 
 def _reader(cid: int, n: int, delta, round_idx: int = 1) -> ArrayReader:
     return ArrayReader(ClientUpdate(cid, round_idx, n, np.asarray(delta, dtype=np.float32), ()))
+
+
+def _start(strategy, cid: int, round_idx: int = 2) -> np.ndarray:
+    """The experts ``cid`` is told to start from: its own, at the layout's expert block (4 on)."""
+    start = strategy.configure(cid, round_idx, seed=0).start
+    assert start is not None
+    assert start.offset == strategy.layout.expert_block[0] == 4
+    return start.values
 
 
 def _run(strategy, base, readers, round_idx: int = 1):
@@ -42,9 +51,9 @@ def test_round_one_equals_fedavg_and_stores_each_clients_trained_experts():
 
     # Assert: θ_i = base experts + Δ_i is what each client gets back next time
     np.testing.assert_allclose(ours.payload, fedavg.payload, atol=1e-6)
-    np.testing.assert_array_equal(strategy.configure(1, 2, seed=0).personal, base[4:] + 1)
-    np.testing.assert_array_equal(strategy.configure(2, 2, seed=0).personal, base[4:] + 5)
-    assert strategy.configure(7, 2, seed=0).personal is None
+    np.testing.assert_array_equal(_start(strategy, 1), base[4:] + 1)
+    np.testing.assert_array_equal(_start(strategy, 2), base[4:] + 5)
+    assert strategy.configure(7, 2, seed=0).start is None
     assert ours.report["personal_clients"] == 2.0
 
 
@@ -58,20 +67,21 @@ def test_a_returning_client_trains_from_its_own_experts():
     result = _run(strategy, g1, [_reader(1, 1, np.ones(8), 2), _reader(3, 1, np.zeros(8), 2)], round_idx=2)
 
     # Assert: client 1's experts 1 + 1 = 2; client 3's are the global experts g1 = 4; the new global mean is 3
-    np.testing.assert_array_equal(strategy.configure(1, 3, seed=0).personal, np.full(4, 2.0))
-    np.testing.assert_array_equal(strategy.configure(3, 3, seed=0).personal, g1[4:])
+    np.testing.assert_array_equal(_start(strategy, 1, 3), np.full(4, 2.0))
+    np.testing.assert_array_equal(_start(strategy, 3, 3), g1[4:])
     np.testing.assert_allclose(result.payload[4:], 3.0)
     np.testing.assert_allclose(result.payload[:4], g1[:4] + 0.5)  # shared and routers: FedAvg of Δ
 
 
 def test_frozen_global_experts_never_move():
     # Execute
-    strategy = PFLMoE(_layout(), global_experts="frozen")
+    strategy = PFLMoE(_layout(), PFLMoEOptions(global_experts="frozen"))
     result = _run(strategy, np.zeros(8), [_reader(1, 2, np.ones(8))])
 
     # Assert
+    assert strategy.options.global_experts == "frozen"
     np.testing.assert_array_equal(result.payload, [1, 1, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(strategy.configure(1, 2, seed=0).personal, np.ones(4))
+    np.testing.assert_array_equal(_start(strategy, 1), np.ones(4))
 
 
 def test_state_round_trips_and_is_validated():
@@ -84,11 +94,12 @@ def test_state_round_trips_and_is_validated():
     restored.load_state_dict({"personal": {str(k): v.tolist() for k, v in strategy.state_dict()["personal"].items()}})
 
     # Assert
-    np.testing.assert_array_equal(restored.configure(4, 2, seed=0).personal, np.ones(4))
+    np.testing.assert_array_equal(_start(restored, 4), np.ones(4))
     with pytest.raises(ValueError, match="client 4"):
         restored.load_state_dict({"personal": {4: [1.0]}})
-    with pytest.raises(ValueError, match="global_experts"):
-        PFLMoE(_layout(), global_experts="mean")
+    with pytest.raises(ValidationError) as err:
+        PFLMoEOptions(global_experts="mean")
+    assert [e["loc"] for e in err.value.errors()] == [("global_experts",)]
 
 
 def test_a_round_that_never_finishes_stores_nothing():
@@ -101,4 +112,4 @@ def test_a_round_that_never_finishes_stores_nothing():
     strategy.begin(np.zeros(8, dtype=np.float32), round_idx=1)
 
     # Assert
-    assert strategy.configure(1, 2, seed=0).personal is None
+    assert strategy.configure(1, 2, seed=0).start is None

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import Field
 
-from aggregation import ArrayReader, ClientInstructions, ClientUpdate, LayoutMismatch, RoundResult, Strategy
+from aggregation import (
+    ArrayReader,
+    ClientInstructions,
+    ClientUpdate,
+    LayoutMismatch,
+    Options,
+    RoundResult,
+    Strategy,
+)
 
 
 class _Recorder(Strategy):
@@ -40,10 +49,37 @@ class TestConfigure:
         ins = strategy.configure(6, 2, seed=1234)
 
         # Assert
-        expected = ClientInstructions(
-            client_id=6, round_idx=2, seed=1234, prox_mu=0.0, p_g=None, alpha=None, reg_lambda=0.0
-        )
+        expected = ClientInstructions(client_id=6, round_idx=2, seed=1234, terms=(), start=None, residual=None)
         assert ins == expected
+
+
+class _Opts(Options):
+    step: float = Field(1.0, gt=0)
+
+
+class _WithOptions(_Recorder):
+    name = "with_options"
+    options_type = _Opts
+
+
+class TestOptions:
+    def test_options_default_to_an_instance_of_options_type_when_not_given(self, strategy, layout4):
+        # Execute / Assert
+        assert strategy.options == Options()
+        assert _WithOptions(layout4).options == _Opts(step=1.0)
+
+    def test_options_are_kept_when_of_the_declared_type(self, layout4):
+        # Execute / Assert
+        assert _WithOptions(layout4, _Opts(step=2.0)).options.step == 2.0
+
+    def test_constructor_raises_type_error_naming_both_types_when_options_are_of_another_type(self, layout4):
+        # Execute / Assert
+        with pytest.raises(TypeError, match="_WithOptions takes _Opts, got Options"):
+            _WithOptions(layout4, Options())
+
+    def test_reads_no_routing_stats_unless_overridden(self):
+        # Execute / Assert
+        assert _Recorder.reads_routing_stats(Options()) is False
 
 
 class TestBegin:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from actors.group import GroupContext
+from aggregation.client_terms import ProximalTerm, RoutingRegulariserTerm
 from aggregation.messages import ClientInstructions
 from fedsim.config import load_config
 from fedsim.engine.deepspeed_engine import DeepSpeedEngine, DeepSpeedEngineSpec
@@ -110,7 +111,9 @@ def test_g1_regulariser_and_prox_match_torch_engine(prepared, torch_engine, worl
     ds = _ds(prepared, world_port)
     layers, experts = len(ds.layout.select(role="router")), 4
     p_g = np.full((layers, experts), 1.0 / experts, dtype=np.float32)
-    instr = _instr(2, 3, prox_mu=0.5, reg_lambda=0.1, p_g=p_g)
+    # the regulariser first, as the engine added it before the proximal term when both were fields
+    instr = _instr(2, 3, terms=(RoutingRegulariserTerm(0.1, p_g, np.ones_like(p_g)), ProximalTerm(0.5)))
+    assert ds._param_weights == [1.0] * len(ds.trainable)  # a group of one: every tensor counts once
     want = torch_engine.train(prepared[1].partitions[2], torch_engine.initial_payload, instr)
     got = ds.train(prepared[1].partitions[2], ds.initial_payload, instr)
     np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)

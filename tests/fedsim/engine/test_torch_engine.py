@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 
+from aggregation.client_terms import (
+    BoundTerm,
+    ClientTerm,
+    PayloadStart,
+    ProximalTerm,
+    RoutingRegulariserTerm,
+    TermInputs,
+)
 from aggregation.errors import ClientFailure, ConfigError
 from aggregation.messages import ClientInstructions
+from aggregation.routing_regulariser import RegForm
 from fedsim.config import CompressionConfig, load_config
 from fedsim.data.encoded import EncodedSplit
 from fedsim.engine.torch_engine import TorchEngine, TorchEngineSpec
@@ -38,7 +49,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchEngine, Prepar
 
 
 def _instr(cid: int, seed: int, mu: float = 0.0) -> ClientInstructions:
-    return ClientInstructions(client_id=cid, round_idx=1, seed=seed, prox_mu=mu)
+    """Plain training instructions; FedProx's proximal term when ``mu`` > 0 (as FedProx.configure sends it)."""
+    terms = (ProximalTerm(mu),) if mu > 0 else ()
+    return ClientInstructions(client_id=cid, round_idx=1, seed=seed, terms=terms)
 
 
 def test_train_same_seed_gives_identical_delta(setup) -> None:  # type: ignore[no-untyped-def]
@@ -129,17 +142,21 @@ def test_routing_regulariser_changes_the_update_only_when_lambda_is_set(setup) -
     engine, prepared = setup
     rows = prepared.partitions[0]
     p_g = np.tile(np.array([0.7, 0.1, 0.1, 0.1]), (2, 1))
+
+    def regularised(weight: float, form: RegForm = "token") -> ClientInstructions:
+        term = RoutingRegulariserTerm(weight, p_g.copy(), np.ones((2, 4)), form)
+        return ClientInstructions(client_id=0, round_idx=1, seed=4, terms=(term,))
+
     plain = engine.train(rows, engine.initial_payload, _instr(0, seed=4))
-    off = engine.train(rows, engine.initial_payload,
-                       ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)),
-                                          reg_lambda=0.0))
-    on = engine.train(rows, engine.initial_payload,
-                      ClientInstructions(client_id=0, round_idx=1, seed=4, p_g=p_g, alpha=np.ones((2, 4)),
-                                         reg_lambda=5.0))
+    off = engine.train(rows, engine.initial_payload, regularised(0.0))
+    on = engine.train(rows, engine.initial_payload, regularised(5.0))
+    batch = engine.train(rows, engine.initial_payload, regularised(5.0, "batch"))
     np.testing.assert_array_equal(plain.delta, off.delta)
     router = engine.layout.select(role="router")[0]
     span = slice(router.offset, router.offset + router.size)
     assert not np.allclose(on.delta[span], plain.delta[span])
+    assert not np.allclose(batch.delta[span], plain.delta[span])
+    assert not np.allclose(batch.delta[span], on.delta[span])  # the term's form reaches the loss
 
 
 def test_prepare_keys_cache_by_every_corpus_setting(setup) -> None:  # type: ignore[no-untyped-def]
@@ -168,7 +185,8 @@ def test_personal_experts_are_the_start_and_do_not_count_as_downloaded(setup) ->
     start = payload.copy()
     start[a:b] = own
     # Execute
-    personal = engine.train(rows, payload, ClientInstructions(client_id=0, round_idx=1, seed=5, personal=own))
+    personal = engine.train(rows, payload,
+                            ClientInstructions(client_id=0, round_idx=1, seed=5, start=PayloadStart(a, own)))
     explicit = engine.train(rows, start, _instr(0, seed=5))
     # Assert: the same as training from the patched payload, and expert bytes were not sent down
     np.testing.assert_array_equal(personal.delta, explicit.delta)
@@ -180,11 +198,82 @@ def test_personal_experts_are_the_start_and_do_not_count_as_downloaded(setup) ->
     assert personal.bytes_down["shared"] == explicit.bytes_down["shared"] > 0
 
 
-def test_personal_experts_of_the_wrong_size_name_the_client(setup) -> None:  # type: ignore[no-untyped-def]
+def test_a_start_covering_part_of_a_class_counts_only_the_classes_it_covers_wholly(setup) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a start over expert (0, 0) and the first value of the next expert's span
     engine, prepared = setup
-    bad = ClientInstructions(client_id=2, round_idx=4, seed=0, personal=np.zeros(3, dtype=np.float32))
-    with pytest.raises(ClientFailure, match="client 2.*round 4.*personal experts"):
+    rows, payload = prepared.partitions[0], engine.initial_payload
+    spans = engine.layout.class_spans()
+    a, b = spans["expert/L0/E0"]
+    assert spans["expert/L0/E1"][0] == b
+    own = payload[a : b + 1] + np.float32(0.05)
+    patched = payload.copy()
+    patched[a : b + 1] = own
+    # Execute
+    started = engine.train(rows, payload, ClientInstructions(client_id=0, round_idx=1, seed=5,
+                                                             start=PayloadStart(a, own)))
+    explicit = engine.train(rows, patched, _instr(0, seed=5))
+    # Assert: trained from the patched payload; only the wholly covered class is not counted as sent down
+    np.testing.assert_array_equal(started.delta, explicit.delta)
+    zero = {k for k, v in started.bytes_down.items() if v == 0}
+    assert zero == {"expert/L0/E0"}
+    assert started.bytes_down["expert/L0/E1"] == explicit.bytes_down["expert/L0/E1"] > 0
+
+
+def test_a_start_past_the_payload_names_the_client(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, prepared = setup
+    total = engine.layout.total
+    bad = ClientInstructions(client_id=2, round_idx=4, seed=0,
+                             start=PayloadStart(total - 1, np.zeros(3, dtype=np.float32)))
+    with pytest.raises(ClientFailure, match=rf"client 2.*round 4.*start reaches payload index {total + 2}, "
+                                            rf"the layout has {total}"):
         engine.train(prepared.partitions[2], engine.initial_payload, bad)
+
+
+@dataclass(frozen=True)
+class _RecordingTerm(ClientTerm):
+    """A user's own term: a pull of every trainable value toward zero that records the inputs of each step."""
+
+    weight: float
+    calls: list[TermInputs] = field(default_factory=list, compare=False)
+
+    def bind(self, device: torch.device) -> BoundTerm:
+        def term(inputs: TermInputs) -> torch.Tensor:
+            self.calls.append(inputs)
+            return self.weight * torch.stack([(p**2).sum() for p in inputs.params]).sum()
+
+        return term
+
+
+@dataclass(frozen=True)
+class _RecordingStartAndRoutingTerm(_RecordingTerm):
+    """The same term, asking for the start values and the router probabilities."""
+
+    reads_routing: ClassVar[bool] = True
+    reads_start: ClassVar[bool] = True
+
+
+@pytest.mark.parametrize("term_type", [_RecordingTerm, _RecordingStartAndRoutingTerm])
+def test_any_client_term_is_added_to_the_loss_with_the_inputs_it_asks_for(setup, term_type) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    engine, prepared = setup
+    rows, payload = prepared.partitions[0], engine.initial_payload
+    term = term_type(10.0)
+    asks = term_type is _RecordingStartAndRoutingTerm
+    # Execute
+    plain = engine.train(rows, payload, _instr(0, seed=7))
+    pulled = engine.train(rows, payload, ClientInstructions(client_id=0, round_idx=1, seed=7, terms=(term,)))
+    # Assert: called once per step with the trainable tensors; start and probabilities only when asked for
+    assert len(term.calls) == len(engine.step_losses) > 0
+    for inputs in term.calls:
+        assert len(inputs.params) == len(engine.trainable) and inputs.top_k == 2
+        assert list(inputs.param_weights) == [1.0] * len(engine.trainable)
+        assert len(inputs.start) == (len(engine.trainable) if asks else 0)
+        assert len(inputs.probs) == len(inputs.masks) == (2 if asks else 0)  # one per MoE layer
+    if asks:  # the start is the trainable values before the first step
+        first = term.calls[0]
+        assert all(not a.requires_grad for a in first.start)
+        assert any(not torch.equal(a, p.detach()) for a, p in zip(first.start, engine.trainable, strict=True))
+    assert not np.allclose(pulled.delta, plain.delta)
 
 
 def test_compressed_uplink_sends_decoded_values_counts_encoded_bytes_and_returns_the_residual(setup) -> None:  # type: ignore[no-untyped-def]

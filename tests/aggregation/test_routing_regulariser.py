@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fedsim.engine.routing_regulariser import routing_regulariser
+from aggregation.routing_regulariser import routing_regulariser
 
 
 def test_token_form_hand_computed_single_token() -> None:
