@@ -74,15 +74,16 @@ def main() -> None:
             except ConfigError as exc:
                 rows.append({**row, "status": str(exc)})
                 continue
+            losses: list[float] = []
             update = engine.train(prepared.partitions[0], engine.initial_payload,
-                                  ClientInstructions(client_id=0, round_idx=1, seed=0))
+                                  ClientInstructions(client_id=0, round_idx=1, seed=0), step_losses=losses)
             assert update is not None
             delta = update.delta.astype(np.float64)
             if reference is None:
                 reference = delta
             cosine = float(delta @ reference / (np.linalg.norm(delta) * np.linalg.norm(reference)))
             peak = update.metrics.get("gpu_peak_mib", (float("nan"), 1.0))
-            rows.append({**row, "s_per_step": update.compute_seconds / len(engine.step_losses),
+            rows.append({**row, "s_per_step": update.compute_seconds / len(losses),
                          "peak_mib": peak[0] / peak[1], "train_loss": update.metric("train_loss"),
                          "cosine_to_fp32": cosine, "status": "ok"})
             del engine

@@ -573,6 +573,8 @@ def _close_round(
         s, extra = cb.after_round(record)
         row.update(extra)
         stop = stop or s
+    for cb in cbs:
+        cb.on_round_closed(record, stopping=stop)
     log.info("%s", round_line(r, cfg.rounds, row, step=cfg.system.policy == "async"))
     return stop
 

@@ -59,15 +59,14 @@ class MetricsTable(Callback):
         """Remember ``run_dir``, where the tables are written."""
         self.run_dir = run_dir
 
-    def after_round(self, record: RoundRecord) -> tuple[bool, dict[str, Any]]:
-        """Append the round's row and its client, comm and routing parts; never stops the run or adds metrics."""
+    def on_round_closed(self, record: RoundRecord, *, stopping: bool) -> None:
+        """Append the round's final row (every callback's metrics in it) and its client, comm and routing parts."""
         self.rounds.append(dict(record.row))
         if self.run_dir is not None:
             for name, rows in (("clients", record.clients), ("comm", record.comm), ("routing", record.routing)):
                 if rows:
                     self._append(name, record.round_idx, pd.DataFrame([{"round": record.round_idx, **r} for r in rows]))
             self._write_rounds()
-        return False, {}
 
     def rounds_frame(self) -> pd.DataFrame:
         """The ``rounds`` table, one row per round."""

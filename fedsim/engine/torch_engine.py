@@ -240,8 +240,15 @@ class TorchEngine:
         )
 
     # -- client training -------------------------------------------------------------------------
-    def train(self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions) -> ClientUpdate | None:
-        """Train client ``instructions.client_id`` on its rows ``indices`` starting from ``payload``."""
+    def train(
+        self, indices: np.ndarray, payload: np.ndarray, instructions: ClientInstructions, *,
+        step_losses: list[float] | None = None,
+    ) -> ClientUpdate | None:
+        """Train client ``instructions.client_id`` on its rows ``indices`` starting from ``payload``.
+
+        ``step_losses``, when given, receives the mean task loss of each step (for equivalence checks of engines
+        and model paths, which compare losses step by step).
+        """
         cid, rnd = instructions.client_id, instructions.round_idx
         start = time.perf_counter()
         faults = self.spec.faults
@@ -272,7 +279,6 @@ class TorchEngine:
 
         self.model.train()
         loss_sum, seen, steps = 0.0, 0, 0
-        self.step_losses: list[float] = []  # this client's mean loss per step, for equivalence checks
         n = len(indices)
         data = self.train_split.take(indices)  # this client's rows only, read once
         during = cfg.routing_stats == "during"
@@ -306,7 +312,8 @@ class TorchEngine:
                     if not np.isfinite(batch_loss):
                         raise ClientFailure(cid, rnd, f"training loss became {batch_loss / batch_seen} at step {steps}")
                     loss_sum += batch_loss
-                    self.step_losses.append(batch_loss / batch_seen)
+                    if step_losses is not None:
+                        step_losses.append(batch_loss / batch_seen)
                     seen += int(batch_seen)
                     steps += 1
             # during: hooks record the statistics, so the recorder is not None

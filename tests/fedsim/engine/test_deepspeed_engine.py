@@ -93,12 +93,14 @@ def test_g1_matches_torch_engine(prepared, torch_engine, world_port, zero_stage)
     np.testing.assert_array_equal(ds.initial_payload, torch_engine.initial_payload)
     # Execute: two clients in a row (the second must find fresh optimiser moments)
     for cid, seed in ((0, 5), (1, 7)):
-        want = torch_engine.train(prepared[1].partitions[cid], torch_engine.initial_payload, _instr(cid, seed))
-        want_losses = list(torch_engine.step_losses)
-        got = ds.train(prepared[1].partitions[cid], ds.initial_payload, _instr(cid, seed))
+        want_losses: list[float] = []
+        got_losses: list[float] = []
+        want = torch_engine.train(prepared[1].partitions[cid], torch_engine.initial_payload, _instr(cid, seed),
+                                  step_losses=want_losses)
+        got = ds.train(prepared[1].partitions[cid], ds.initial_payload, _instr(cid, seed), step_losses=got_losses)
         # Assert
         assert got is not None
-        np.testing.assert_allclose(ds.step_losses, want_losses, rtol=LOSS_RTOL)
+        np.testing.assert_allclose(got_losses, want_losses, rtol=LOSS_RTOL)
         np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)
         assert np.abs(got.delta).max() > 10 * DELTA_ATOL  # the comparison is not between two near-zero deltas
         for a, b in zip(got.routing, want.routing, strict=True):
@@ -139,12 +141,14 @@ def test_g1_matches_torch_engine_with_shared_experts(tmp_path_factory, world_por
     reference = TorchEngineSpec(**recipe)()  # type: ignore[arg-type]
     ds = DeepSpeedEngineSpec(**recipe)(GroupContext(0, 1, "127.0.0.1", world_port))  # type: ignore[arg-type]
     # Execute
-    want = reference.train(run.partitions[1], reference.initial_payload, _instr(1, 3))
-    got = ds.train(run.partitions[1], ds.initial_payload, _instr(1, 3))
+    want_losses: list[float] = []
+    got_losses: list[float] = []
+    want = reference.train(run.partitions[1], reference.initial_payload, _instr(1, 3), step_losses=want_losses)
+    got = ds.train(run.partitions[1], ds.initial_payload, _instr(1, 3), step_losses=got_losses)
     # Assert
     assert any("shared_expert" in e.param for e in ds.layout.select(role="shared"))
     np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)
-    np.testing.assert_allclose(ds.step_losses, reference.step_losses, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=LOSS_RTOL)
 
 
 def test_g1_matches_torch_engine_on_a_multiple_choice_task(tmp_path_factory, world_port) -> None:  # type: ignore[no-untyped-def]
@@ -159,13 +163,15 @@ def test_g1_matches_torch_engine_on_a_multiple_choice_task(tmp_path_factory, wor
     reference = TorchEngineSpec(**recipe)()  # type: ignore[arg-type]
     ds = DeepSpeedEngineSpec(**recipe)(GroupContext(0, 1, "127.0.0.1", world_port))  # type: ignore[arg-type]
     # Execute
-    want = reference.train(run.partitions[0], reference.initial_payload, _instr(0, 4))
-    got = ds.train(run.partitions[0], ds.initial_payload, _instr(0, 4))
+    want_losses: list[float] = []
+    got_losses: list[float] = []
+    want = reference.train(run.partitions[0], reference.initial_payload, _instr(0, 4), step_losses=want_losses)
+    got = ds.train(run.partitions[0], ds.initial_payload, _instr(0, 4), step_losses=got_losses)
     scored = ds.evaluate(ds.initial_payload, [(0, run.n_test)])[0]
     expected = reference.evaluate(reference.initial_payload, [(0, run.n_test)])[0]
     # Assert
     assert got is not None
     np.testing.assert_allclose(got.delta, want.delta, atol=DELTA_ATOL, rtol=0)
-    np.testing.assert_allclose(ds.step_losses, reference.step_losses, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=LOSS_RTOL)
     assert (scored.correct, scored.count) == (expected.correct, expected.count)
     assert scored.loss_sum == pytest.approx(expected.loss_sum, rel=1e-5)

@@ -261,9 +261,11 @@ def test_any_client_term_is_added_to_the_loss_with_the_inputs_it_asks_for(setup,
     asks = term_type is _RecordingStartAndRoutingTerm
     # Execute
     plain = engine.train(rows, payload, _instr(0, seed=7))
-    pulled = engine.train(rows, payload, ClientInstructions(client_id=0, round_idx=1, seed=7, terms=(term,)))
+    steps: list[float] = []
+    pulled = engine.train(rows, payload, ClientInstructions(client_id=0, round_idx=1, seed=7, terms=(term,)),
+                          step_losses=steps)
     # Assert: called once per step with the trainable tensors; start and probabilities only when asked for
-    assert len(term.calls) == len(engine.step_losses) > 0
+    assert len(term.calls) == len(steps) > 0
     for inputs in term.calls:
         assert len(inputs.params) == len(engine.trainable) and inputs.top_k == 2
         assert list(inputs.param_weights) == [1.0] * len(engine.trainable)
