@@ -7,7 +7,9 @@ arrival goes to the round's ``aggregation.round_fold.RoundFold``, which folds
 them into the strategy in cohort order (its reorder buffer holds refs-backed
 views, not copies): the result is bit-identical whatever the number of workers
 or arrival order. The instructions go out the same way, as one object ref per
-client that the driver hands to the workers unread (``instruction_refs``).
+client that the driver hands to the workers unread (``instruction_refs``). The
+simulated clock that times the updates is handed to the actor once, at its
+start (``aggregation.sim_clock.SimulatedClock``), not with every round.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
 from aggregation.payload import PayloadLayout
 from aggregation.round_fold import RoundFold, RoundSummary, simulated_duration
+from aggregation.sim_clock import OnTimeClock, SimulatedClock
 from aggregation.strategy import Strategy
-from aggregation.virtual_clock import RoundClock
 
 __all__ = ["Aggregator", "RoundSummary", "instruction_refs"]
 
@@ -63,7 +65,11 @@ def instruction_refs(
 
 @ray.remote(num_cpus=0)
 class Aggregator:
-    """Holds the strategy (and its cross-round state) for the whole run."""
+    """Holds the strategy (and its cross-round state) and the run's simulated clock for the whole run.
+
+    ``clock``: the simulated clock every round is timed on (profiles and round policy); None:
+    ``OnTimeClock()``, every update on time.
+    """
 
     def __init__(
         self,
@@ -71,10 +77,12 @@ class Aggregator:
         layout: PayloadLayout,
         max_update_norm: float | None = None,
         measure_memory: bool = False,
+        clock: SimulatedClock | None = None,
     ) -> None:
         self.strategy = strategy_factory(layout)
         self.layout = layout
         self.max_update_norm = max_update_norm
+        self.clock: SimulatedClock = clock if clock is not None else OnTimeClock()
         # Reading private memory walks every mapping of this process (~6 ms with torch and Ray loaded), on the
         # round's critical path: only when asked.
         self.measure_memory = measure_memory
@@ -96,8 +104,8 @@ class Aggregator:
             out.append(replace(ins, residual=self.residuals[c]) if c in self.residuals else ins)
         return out[0] if len(out) == 1 else out
 
-    def durations(self, update_refs: list[ray.ObjectRef[ClientUpdate]], clock: RoundClock) -> list[float]:
-        """Each update's simulated duration, once all have finished.
+    def durations(self, update_refs: list[ray.ObjectRef[ClientUpdate]]) -> list[float]:
+        """Each update's simulated duration on the run's clock, once all have finished.
 
         0 for a client that failed: it is known at once. Read zero-copy; nothing is merged.
         """
@@ -108,27 +116,26 @@ class Aggregator:
             except _LOST:
                 out.append(0.0)
                 continue
-            out.append(simulated_duration(u, clock))
+            out.append(simulated_duration(u, self.clock))
             del u
         return out
 
     @ray.method(num_returns=2)
     def aggregate(
         self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef[ClientUpdate]],
-        clock: RoundClock | None = None, staleness: list[int] | None = None, staleness_exponent: float = 0.5,
+        staleness: list[tuple[int, float]] | None = None,
     ) -> tuple[np.ndarray, RoundSummary]:
         """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary.
 
-        With a ``clock``, each update's simulated duration decides whether it is merged: under
+        On the run's clock, each update's simulated duration decides whether it is merged: under
         ``deadline`` as it arrives, under ``over_select`` once every update is in (only then is it
         known which finished first on the simulated clock; the updates wait as object-store views).
-        With ``staleness`` (asynchronous buffered aggregation), update i counts with its weight and
-        routing statistics discounted by (1 + staleness[i])^(−staleness_exponent).
+        With ``staleness`` (asynchronous buffered aggregation), (τ_i, s_i) per update: update i counts
+        with its weight and routing statistics discounted by the factor s_i, and τ_i goes to its row.
         """
         fold = RoundFold(
             self.strategy, self.layout, global_payload, round_idx=round_idx, cohort_size=len(update_refs),
-            residuals=self.residuals, max_update_norm=self.max_update_norm, clock=clock, staleness=staleness,
-            staleness_exponent=staleness_exponent,
+            residuals=self.residuals, max_update_norm=self.max_update_norm, clock=self.clock, staleness=staleness,
         )
         position = {ref: i for i, ref in enumerate(update_refs)}
         pending = list(update_refs)

@@ -6,9 +6,9 @@ failed. A small reorder buffer folds them into the strategy strictly in cohort
 order, so the merged payload is bit-identical whatever the arrival order or the
 number of workers. Folding one update means: the update guard
 (``update_guard.rejection``), admission on the simulated clock
-(``virtual_clock``: ``deadline`` decides as each update is folded,
+(a ``sim_clock.SimulatedClock``: ``deadline`` decides as each update is folded,
 ``over_select`` only once every update is in), the asynchronous staleness
-discount (``buffered.staleness_discount``), the clients' error-feedback
+discount (a factor per update, computed by the caller), the clients' error-feedback
 residuals, and the round's ledger: a row per client, bytes per payload class,
 routing p̄, failures, rejections, and the train metrics kept as summable
 ``(sum, weight)`` pairs to the end (STYLE.md §2). The Ray actor
@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from aggregation.buffered import staleness_discount
 from aggregation.messages import ClientUpdate
 from aggregation.payload import PayloadLayout, payload_class
+from aggregation.sim_clock import OnTimeClock, SimulatedClock
 from aggregation.strategy import ArrayReader, Strategy
 from aggregation.update_guard import rejection
-from aggregation.virtual_clock import RoundClock, select
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def _comm_rows(u: ClientUpdate) -> list[dict[str, Any]]:
     return rows
 
 
-def simulated_duration(u: ClientUpdate, clock: RoundClock) -> float:
+def simulated_duration(u: ClientUpdate, clock: SimulatedClock) -> float:
     """The update's length on the simulated clock (seconds).
 
     Read before the guard sees the update: an ``n_examples`` or ``compute_seconds`` the guard will reject
@@ -117,19 +116,18 @@ class RoundFold:
         new residual replaces its client's, a rejected update's client loses its own.
     max_update_norm : float or None
         The guard's bound on ‖Δ‖₂; None: no bound.
-    clock : RoundClock or None
-        Profiles and round policy of the simulated clock; None: every update is on time (``wait_all``).
-    staleness : sequence of int or None
-        Asynchronous aggregation: τ per cohort position; update i counts with its ``n_examples`` and routing
-        statistics scaled by (1 + τ_i)^(−``staleness_exponent``) and is merged into ``round_idx``.
-    staleness_exponent : float
-        The exponent a of FedBuff's discount.
+    clock : SimulatedClock or None
+        Durations and round policy of the simulated clock; None: ``OnTimeClock()``, every update on time.
+    staleness : sequence of (int, float) or None
+        Asynchronous aggregation: (τ_i, s_i) per cohort position, the update's staleness and its discount
+        factor (FedBuff's s(τ_i), computed by the caller); update i counts with its ``n_examples`` and routing
+        statistics scaled by s_i, is merged into ``round_idx``, and its row in the clients table records τ_i.
     """
 
     def __init__(
         self, strategy: Strategy, layout: PayloadLayout, global_payload: np.ndarray, *, round_idx: int,
         cohort_size: int, residuals: MutableMapping[int, np.ndarray], max_update_norm: float | None = None,
-        clock: RoundClock | None = None, staleness: Sequence[int] | None = None, staleness_exponent: float = 0.5,
+        clock: SimulatedClock | None = None, staleness: Sequence[tuple[int, float]] | None = None,
     ) -> None:
         if staleness is not None and len(staleness) != cohort_size:
             raise ValueError(f"round {round_idx}: {len(staleness)} staleness values for a cohort of {cohort_size}")
@@ -139,9 +137,8 @@ class RoundFold:
         self.cohort_size = cohort_size
         self.residuals = residuals
         self.max_update_norm = max_update_norm
-        self.clock = clock or RoundClock(profiles={})
+        self.clock = clock if clock is not None else OnTimeClock()
         self.staleness = staleness
-        self.staleness_exponent = staleness_exponent
         self._waiting: dict[int, ClientUpdate | None] = {}  # arrived, not folded yet (None: failed)
         self._next = 0  # the cohort position folded next
         self._arrived = 0
@@ -175,20 +172,19 @@ class RoundFold:
             if self._arrived < self.cohort_size:
                 return
             if self._kept is None:  # only now is it known which finished first on the simulated clock
-                self._kept = select(self._durations, "over_select", keep=self.clock.keep).kept
+                self._kept = self.clock.timing(self._durations).kept
         while self._next in self._waiting:
             update = self._waiting.pop(self._next)
-            tau = None if self.staleness is None else self.staleness[self._next]
+            stale = None if self.staleness is None else self.staleness[self._next]
             self._next += 1
             if update is None:
                 continue
-            if tau is not None:  # started from an older version, merged into this one
+            if stale is not None:  # started from an older version, merged into this one
                 update = replace(update, round_idx=self.round_idx)
             on_time = self._kept is None or update.client_id in self._kept
             if self.clock.policy == "deadline":
                 on_time = self._durations[update.client_id] <= self.clock.deadline_s
-            self._fold(update, self._durations[update.client_id], on_time,
-                       None if tau is None else (tau, staleness_discount(tau, self.staleness_exponent)))
+            self._fold(update, self._durations[update.client_id], on_time, stale)
             del update  # a strategy that needs the tensors later keeps its own reader
 
     def _fold(self, update: ClientUpdate, duration: float, on_time: bool, stale: tuple[int, float] | None) -> None:
@@ -229,8 +225,7 @@ class RoundFold:
         if self._next < self.cohort_size:
             missing = sorted(set(range(self._next, self.cohort_size)) - set(self._waiting))
             raise RuntimeError(f"round {self.round_idx}: finish() before positions {missing} of the cohort arrived")
-        clock = self.clock
-        timing = select(self._durations, clock.policy, deadline_s=clock.deadline_s, keep=clock.keep)
+        timing = self.clock.timing(self._durations)
         result = self.strategy.finish()
         clients = [{**r, "weight": 0.0 if r["rejected"] or r["straggler"] else
                     result.client_weights.get(r["client"], float("nan"))} for r in self._rows]

@@ -311,7 +311,7 @@ class CompressionConfig(Options):
 
 
 class SystemConfig(Options):
-    """Systems heterogeneity on a simulated clock (aggregation/virtual_clock.py)."""
+    """Systems heterogeneity on a simulated clock (fedsim/sim/)."""
 
     profiles: str = Field(
         "uniform", description="uniform | random (slow_fraction, slow_factor) | a csv/json/parquet file with columns "

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -39,13 +38,12 @@ from actors import (
     resolve_num_workers,
 )
 from actors.aggregator import instruction_refs
-from aggregation.buffered import Flight, next_buffer
 from aggregation.errors import ConfigError, FedsimError, RunFailed
 from aggregation.messages import ClientUpdate
 from aggregation.payload import PayloadLayout
 from aggregation.round_fold import RoundSummary
 from aggregation.routing_stats import total_variation
-from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, RoundClock, available, over_selected
+from aggregation.sim_clock import SimulatedClock
 from fedsim import environment
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.callbacks.metrics_table import MetricsTable
@@ -57,9 +55,12 @@ from fedsim.console import debug_enabled, round_line
 from fedsim.engine.torch_engine import TorchEngineSpec
 from fedsim.memory import GIB, check_gpu_packing, estimate_worker_memory, measure_worker_memory, payload_nbytes
 from fedsim.prepare import PreparedRun, prepare
-from fedsim.profiles import build_availability, build_profiles, write_profiles
 from fedsim.quiet import quiet_libraries
 from fedsim.seeds import client_seed
+from fedsim.sim.availability import available, online_at_round, over_selected
+from fedsim.sim.buffering import Flight, discounts, next_buffer
+from fedsim.sim.clock import DeviceProfile, RoundClock
+from fedsim.sim.profiles import build_availability, build_profiles, store_system
 from fedsim.strategies import StrategyFactory
 
 log = logging.getLogger("fedsim")
@@ -447,13 +448,13 @@ def make_pool(cfg: RunConfig, prepared: PreparedRun, n: int) -> WorkerPool:
                       group_size=engine.group_size)
 
 
-def _start_aggregator(cfg: RunConfig, layout: PayloadLayout) -> Any:
-    """The aggregator actor of a run, holding its strategy.
+def _start_aggregator(cfg: RunConfig, layout: PayloadLayout, clock: SimulatedClock) -> Any:
+    """The aggregator actor of a run, holding its strategy and the simulated clock it times every round on.
 
     The handle is untyped: mypy does not apply the ``@ray.remote`` class decorator.
     """
     return cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
-                                        measure_memory=cfg.logging.aggregator_memory)
+                                        measure_memory=cfg.logging.aggregator_memory, clock=clock)
 
 
 def _loop(
@@ -461,16 +462,16 @@ def _loop(
     cbs: list[Callback], run_dir: Path, checkpoint: Checkpoint | None,
 ) -> None:
     layout, initial = pool.describe()
-    aggregator = _start_aggregator(cfg, layout)
-    owned.append(aggregator)  # the run kills it when it ends
-    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
-    _store_system(cfg, profiles, run_dir)
     assert system.policy != "async", "_execute runs an asynchronous run with _loop_async"
     clock = RoundClock(
         profiles, system.policy, deadline_s=system.deadline_s or math.inf, keep=cfg.clients_per_round,
         seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs,
     )
+    aggregator = _start_aggregator(cfg, layout, clock)
+    owned.append(aggregator)  # the run kills it when it ends
+    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
+    store_system(system, profiles, run_dir)
     trace = build_availability(system, cfg.data.num_clients)
     sim_time = 0.0
     first = 1
@@ -487,7 +488,7 @@ def _loop(
     log.info("payload: %d values (%.2f MiB) in %d entries", layout.total, layout.nbytes / 2**20, len(layout))
     for r in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
-        online, sim_time = _online(cfg, trace, r, sim_time)
+        online, sim_time = online_at_round(cfg, trace, r, sim_time)
         count = over_selected(cfg.clients_per_round, system.over_selection, len(online)) \
             if system.policy == "over_select" else cfg.clients_per_round
         cohort = sampler.sample(online, count)
@@ -495,7 +496,7 @@ def _loop(
         instructions = instruction_refs(aggregator, r, cohort, [client_seed(cfg.seed, r, c) for c in cohort])
         rows = [prepared.partitions[c] for c in cohort]
         refs = pool.submit(payload_ref, instructions, rows, [cfg.train.client_work(len(ix)) for ix in rows])
-        new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs, clock)
+        new_ref, summary_ref = aggregator.aggregate.remote(r, payload_ref, refs)
         done = 0
         while done < len(refs):
             done = count_finished(refs, timeout_s=0.25)
@@ -519,33 +520,6 @@ def _loop(
             save_checkpoint(run_dir, state)
         if stop:
             break
-
-
-def _online(cfg: RunConfig, trace: AvailabilityTrace | None, r: int, sim_time: float) -> tuple[list[int], float]:
-    """Clients online when round ``r`` starts, and that start on the simulated clock.
-
-    With a trace, a round that would find nobody online waits until somebody comes online.
-    """
-    if trace is None:
-        online_now = available(cfg.data.num_clients, round_idx=r, seed=cfg.seed, probability=cfg.system.availability)
-        return online_now, sim_time
-    online = trace.online(sim_time)
-    if not online:
-        later = trace.next_online(sim_time)
-        if not math.isfinite(later):
-            raise RunFailed(f"round {r}: no client of system.availability_trace is ever online again")
-        log.info(
-            "round %d: no client online at %.1f s on the simulated clock; waiting until %.1f s", r, sim_time, later
-        )
-        sim_time, online = later, trace.online(later)
-    return online, sim_time
-
-
-def _store_system(cfg: RunConfig, profiles: dict[int, DeviceProfile], run_dir: Path) -> None:
-    """The device profiles and any availability trace the run used, kept in its directory."""
-    write_profiles(profiles, run_dir / "profiles.csv")
-    if cfg.system.availability_trace:
-        shutil.copyfile(cfg.system.availability_trace, run_dir / "availability_trace.pkl")
 
 
 def _close_round(
@@ -583,7 +557,7 @@ def _loop_async(
     cfg: RunConfig, prepared: PreparedRun, profiles: dict[int, DeviceProfile], pool: WorkerPool, owned: list[Any],
     cbs: list[Callback], run_dir: Path,
 ) -> None:
-    """FedBuff-style asynchronous rounds (aggregation/buffered.py).
+    """FedBuff-style asynchronous rounds (fedsim/sim/buffering.py).
 
     ``clients_per_round`` clients train at once, each from the version current when it started on the
     simulated clock; every ``system.async_buffer`` arrivals make one server step (a row of the rounds table),
@@ -595,14 +569,14 @@ def _loop_async(
     K = clients in flight and simultaneous arrivals this is synchronous FedAvg, round for round.
     """
     layout, initial = pool.describe()
-    aggregator = _start_aggregator(cfg, layout)
-    owned.append(aggregator)  # the run kills it when it ends
-    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
     system = cfg.system
-    _store_system(cfg, profiles, run_dir)
     clock = RoundClock(
         profiles, "wait_all", seconds_per_example=system.seconds_per_example, epochs=cfg.train.local_epochs
     )
+    aggregator = _start_aggregator(cfg, layout, clock)
+    owned.append(aggregator)  # the run kills it when it ends
+    sampler = ClientSampler(cfg.data.num_clients, cfg.clients_per_round, cfg.seed)
+    store_system(system, profiles, run_dir)
     buffer_size = system.async_buffer or max(1, cfg.clients_per_round // 2)
     trace = build_availability(system, cfg.data.num_clients)
     versions = {0: ray.put(initial)}
@@ -636,13 +610,13 @@ def _loop_async(
         t0 = time.perf_counter()
         if not flights:
             raise RunFailed(f"step {r}: no client is training and none can start (nobody online)")
-        durations = ray.get(aggregator.durations.remote([f.handle for f in flights], clock))
+        durations = ray.get(aggregator.durations.remote([f.handle for f in flights]))
         arrivals = next_buffer(flights, durations, buffer_size)
         merged = [f for f, _ in arrivals]
         flights = [f for f in flights if f not in merged]
         new_ref, summary_ref = aggregator.aggregate.remote(
-            r, versions[r - 1], [f.handle for f in merged], clock, [r - 1 - f.version for f in merged],
-            system.staleness_exponent,
+            r, versions[r - 1], [f.handle for f in merged],
+            discounts([r - 1 - f.version for f in merged], system.staleness_exponent),
         )
         versions[r] = new_ref
         step_s = arrivals[-1][1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
@@ -13,7 +14,7 @@ from aggregation import ClientInstructions, EntrySpec, FedAvg, PayloadLayout
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientUpdate
 from aggregation.round_fold import RoundFold, simulated_duration
-from aggregation.virtual_clock import RoundClock
+from fedsim.sim.clock import DeviceProfile, RoundClock
 
 
 def _update(n_examples: float, compute_seconds: float) -> ClientUpdate:
@@ -100,3 +101,40 @@ def test_aggregate_folds_refs_as_the_fold_does_and_records_a_failed_client(ray_s
     assert summary.metrics == {"train_loss": (10.0, 8.0)}
     assert summary.aggregator_peak_rss_mib > 0  # the actor measures itself
     assert list(state["residuals"]) == list(residuals) == [3]
+
+
+def test_the_clock_given_at_the_start_times_every_round(ray_session) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    # Prepare: client 9's device is 10× slower; a 5 s deadline, handed to the actor once
+    clock = RoundClock({9: DeviceProfile(speed_factor=10.0)}, "deadline", deadline_s=5.0, seconds_per_example=0.1)
+    aggregator = cast(Any, Aggregator).remote(FedAvg, LAYOUT, clock=clock)
+    try:
+        for r in (2, 3):
+            # Execute: two rounds, neither naming a clock
+            refs = [ray.put(replace(_client(3, 1.0), round_idx=r)), ray.put(replace(_client(9, 3.0), round_idx=r))]
+            durations = ray.get(aggregator.durations.remote(list(refs)))
+            payload, summary = ray.get(list(aggregator.aggregate.remote(r, np.zeros(4, np.float32), refs)))
+            # Assert: 10 examples × 0.1 s, and 10× that for client 9, who is late for the deadline
+            assert durations == [1.0, 10.0]
+            assert summary.stragglers == [9] and summary.sim_round_s == 5.0
+            np.testing.assert_array_equal(payload, np.ones(4, np.float32))
+    finally:
+        ray.kill(aggregator)
+
+
+def test_stale_updates_count_with_the_factor_they_are_given(ray_session) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    # Prepare: two updates of 10 examples, the second three versions stale and discounted by 0.5
+    aggregator = cast(Any, Aggregator).remote(FedAvg, LAYOUT)
+    refs = [ray.put(_client(3, 1.0)), ray.put(replace(_client(9, 4.0), round_idx=1))]
+    try:
+        # Execute
+        payload, summary = ray.get(list(aggregator.aggregate.remote(4, np.zeros(4, np.float32), refs,
+                                                                    [(0, 1.0), (3, 0.5)])))
+    finally:
+        ray.kill(aggregator)
+    # Assert: weights 10 and 5, so (10·1 + 5·4) / 15 = 2; the clients table keeps τ
+    np.testing.assert_allclose(payload, np.full(4, 2.0, np.float32))
+    assert [(c["client"], c["staleness"]) for c in summary.clients] == [(3, 0), (9, 3)]

@@ -12,7 +12,7 @@ import pytest
 
 from aggregation import ClientUpdate, FedAvg, PayloadLayout, RoundResult, RoutingStats, Strategy, UpdateReader
 from aggregation.round_fold import RoundFold, RoundSummary
-from aggregation.virtual_clock import DeviceProfile, RoundClock
+from fedsim.sim.clock import DeviceProfile, RoundClock
 
 ROUND = 3
 
@@ -146,13 +146,12 @@ def test_over_select_keeps_the_fastest_and_folds_only_once_all_arrived(layout4: 
 
 
 def test_staleness_discount_scales_weight_and_routing_stats(layout4: PayloadLayout) -> None:
-    # Prepare: the same update fresh (τ = 0) and three versions stale (τ = 3: (1 + 3)^-0.5 = 0.5)
+    # Prepare: the same update fresh (τ = 0) and three versions stale (τ = 3, discounted by (1 + 3)^-0.5 = 0.5)
     stats = RoutingStats(8, np.array([2.0, 6.0]), np.array([4.0, 12.0]), np.array([1.0, 3.0]), np.ones((2, 3)))
     cohort = [_update(c, [1, 1, 1, 1], n=10, routing=(stats,), round_idx=ROUND - c) for c in (0, 3)]
     strategy = Recorder(layout4)
     # Execute
-    _, summary = _fold(strategy, layout4, [(1, cohort[1]), (0, cohort[0])], staleness=[0, 3],
-                       staleness_exponent=0.5)
+    _, summary = _fold(strategy, layout4, [(1, cohort[1]), (0, cohort[0])], staleness=[(0, 1.0), (3, 0.5)])
     # Assert: the stale update is merged into this round, its sums halved, its means unchanged
     fresh, stale = strategy.added
     assert (fresh.n_examples, stale.n_examples) == (10, 5.0)
@@ -164,6 +163,15 @@ def test_staleness_discount_scales_weight_and_routing_stats(layout4: PayloadLayo
     # the clients table keeps the undiscounted n_examples and says how stale each update was
     assert [(c["n_examples"], c["staleness"]) for c in summary.clients] == [(10, 0), (10, 3)]
 
+
+
+def test_scaled_routing_stats_keep_their_means() -> None:
+    s = RoutingStats(10, np.array([4.0, 6.0]), np.array([8.0, 12.0]), np.array([2.0, 3.0]), np.ones((2, 3)) * 4)
+    half = s.scaled(0.5)
+    assert half.n_tokens == 5 and half.counts.tolist() == [4.0, 6.0]
+    np.testing.assert_allclose(half.p_bar, s.p_bar)
+    np.testing.assert_allclose(half.margin, s.margin)
+    np.testing.assert_allclose(half.mu, s.mu)
 
 def test_summed_train_loss_weighs_the_rows_trained_not_the_rows_held(layout4: PayloadLayout) -> None:
     # Prepare: local_steps capped client 0 at 16 of its 100 rows (mean loss 2); client 1 trained all 10 (mean 1);

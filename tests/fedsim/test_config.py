@@ -97,7 +97,7 @@ def test_deadline_policy_needs_a_deadline() -> None:
 
 
 def test_a_missing_profiles_file_names_the_field(tmp_path: Path) -> None:
-    from fedsim.profiles import build_profiles
+    from fedsim.sim.profiles import build_profiles
 
     cfg = load_config(None, [f"system.profiles={tmp_path / 'nope.csv'}"])
     with pytest.raises(ConfigError, match="^system.profiles: file not found"):

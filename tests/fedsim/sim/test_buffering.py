@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from aggregation.buffered import Flight, next_buffer, staleness_discount
-from aggregation.routing_stats import RoutingStats
+from fedsim.sim.buffering import Flight, discounts, next_buffer, staleness_discount
 
 
 def test_staleness_discount_is_polynomial_and_one_when_fresh() -> None:
@@ -16,6 +14,11 @@ def test_staleness_discount_is_polynomial_and_one_when_fresh() -> None:
     assert staleness_discount(7, 0.0) == 1.0
     with pytest.raises(ValueError, match="staleness -1"):
         staleness_discount(-1, 0.5)
+
+
+def test_discounts_pair_each_staleness_with_its_factor_in_order() -> None:
+    assert discounts([0, 3, 1], 0.5) == [(0, 1.0), (3, staleness_discount(3, 0.5)), (1, staleness_discount(1, 0.5))]
+    assert discounts([], 0.5) == []
 
 
 def test_next_buffer_takes_the_first_arrivals_on_the_simulated_clock() -> None:
@@ -28,12 +31,3 @@ def test_next_buffer_takes_the_first_arrivals_on_the_simulated_clock() -> None:
     assert [(f.client, t) for f, t in got] == [(9, 1.5), (2, 3.0), (4, 3.0)]
     with pytest.raises(ValueError, match="4 flights but 3 durations"):
         next_buffer(flights, durations[:3], 2)
-
-
-def test_scaled_routing_stats_keep_their_means() -> None:
-    s = RoutingStats(10, np.array([4.0, 6.0]), np.array([8.0, 12.0]), np.array([2.0, 3.0]), np.ones((2, 3)) * 4)
-    half = s.scaled(0.5)
-    assert half.n_tokens == 5 and half.counts.tolist() == [4.0, 6.0]
-    np.testing.assert_allclose(half.p_bar, s.p_bar)
-    np.testing.assert_allclose(half.margin, s.margin)
-    np.testing.assert_allclose(half.mu, s.mu)

@@ -6,7 +6,8 @@ the simulated clock, then publishes the next version. An update that started
 from version v and is merged into version t has staleness τ = t − v and
 counts with its weight discounted by s(τ) = (1 + τ)^(−a) (FedBuff's
 polynomial discount; a = 0.5 by default), its routing statistics discounted
-the same way.
+the same way. The discount is worked out here, on the driver, and handed to the
+aggregator as one factor per update (``discounts``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def staleness_discount(staleness: int, exponent: float) -> float:
     if staleness < 0:
         raise ValueError(f"staleness {staleness} < 0")
     return float((1.0 + staleness) ** (-exponent))
+
+
+def discounts(staleness: list[int], exponent: float) -> list[tuple[int, float]]:
+    """(τ, s(τ)) per update, in order: the staleness and weight factor the aggregator's fold takes for each."""
+    return [(tau, staleness_discount(tau, exponent)) for tau in staleness]
 
 
 @dataclass(frozen=True, slots=True)

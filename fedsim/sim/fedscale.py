@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from aggregation.errors import ConfigError
-from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile
 from fedsim.safe_pickle import NO_GLOBALS, load_pickle
+from fedsim.sim.availability import AvailabilityTrace
+from fedsim.sim.clock import DeviceProfile
 
 
 def load_trace(path: str, field: str) -> dict[Any, dict[str, Any]]:

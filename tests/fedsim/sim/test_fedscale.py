@@ -13,8 +13,8 @@ import pytest
 
 from aggregation.errors import ConfigError
 from fedsim.config import load_config
-from fedsim.fedscale import fedscale_availability, fedscale_profiles
-from fedsim.profiles import build_profiles
+from fedsim.sim.fedscale import fedscale_availability, fedscale_profiles
+from fedsim.sim.profiles import build_profiles
 
 
 def _write(path: Path, obj: object) -> str:

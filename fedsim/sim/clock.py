@@ -1,4 +1,4 @@
-"""Simulated time: device profiles, each client's simulated round duration, and which updates a round keeps.
+"""Simulated time: each client's simulated round duration, and which updates a round keeps.
 
 The simulator measures how long a client's local training really took on its
 worker; a device profile turns that into how long it would take on the
@@ -12,7 +12,9 @@ Round policies decide which updates the server merges, on that clock:
 stragglers, dropped and logged; the round lasts the deadline when any was
 dropped); ``over_select`` samples more clients than needed and keeps the
 first ``keep`` to finish. Pure functions of the profiles and the updates'
-metadata: no clock is read.
+metadata: no clock is read. A ``RoundClock`` is what the aggregator is handed
+once, at its start: it is the ``aggregation.sim_clock.SimulatedClock`` the
+server's round fold times its updates with.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
+from aggregation.sim_clock import RoundTiming
+
+__all__ = ["DeviceProfile", "Policy", "RoundClock", "RoundTiming", "select"]
 
 Policy = Literal["wait_all", "deadline", "over_select"]
 
@@ -40,28 +44,6 @@ class DeviceProfile:
         """Simulated seconds of one round's work for this client."""
         return (compute_seconds * self.speed_factor + bytes_down / self.downlink_bps + bytes_up / self.uplink_bps
                 + self.latency_s)
-
-
-def random_profiles(
-    num_clients: int, *, seed: int, slow_fraction: float = 0.0, slow_factor: float = 1.0,
-    downlink_bps: float = math.inf, uplink_bps: float = math.inf, latency_s: float = 0.0,
-) -> dict[int, DeviceProfile]:
-    """Profiles where a seeded ``slow_fraction`` of the clients compute ``slow_factor`` times slower."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC10C]))
-    slow = set(rng.choice(num_clients, size=round(slow_fraction * num_clients), replace=False).tolist())
-    return {
-        c: DeviceProfile(slow_factor if c in slow else 1.0, downlink_bps, uplink_bps, latency_s)
-        for c in range(num_clients)
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class RoundTiming:
-    """Which clients a round keeps on the simulated clock, and how long it lasts."""
-
-    kept: frozenset[int]
-    stragglers: frozenset[int]
-    round_seconds: float
 
 
 def select(
@@ -83,48 +65,6 @@ def select(
     else:
         seconds = max((durations[c] for c in kept), default=0.0)
     return RoundTiming(kept, stragglers, seconds)
-
-
-def available(num_clients: int, *, round_idx: int, seed: int, probability: float) -> list[int]:
-    """Clients online at round ``round_idx`` under a seeded on/off process (each up with ``probability``)."""
-    if probability >= 1.0:
-        return list(range(num_clients))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, round_idx, 0xA7A1]))
-    return [c for c in range(num_clients) if rng.random() < probability]
-
-
-@dataclass(frozen=True)
-class AvailabilityTrace:
-    """When each client is online: intervals [active_i, inactive_i) of a cycle of ``period`` seconds, repeated.
-
-    The shape of FedScale's client behaviour traces (``active`` and ``inactive`` time stamps and a
-    ``finish_time`` per client).
-    """
-
-    intervals: dict[int, tuple[tuple[float, float], ...]]
-    period: dict[int, float]
-
-    def online(self, at_s: float) -> list[int]:
-        """Clients online at simulated time ``at_s``."""
-        return [c for c, spans in sorted(self.intervals.items())
-                if any(a <= at_s % self.period[c] < b for a, b in spans)]
-
-    def next_online(self, after_s: float) -> float:
-        """The first time after ``after_s`` at which some client comes online (inf if none ever does)."""
-        best = math.inf
-        for c, spans in self.intervals.items():
-            cycle = after_s - after_s % self.period[c]
-            for a, _ in spans:
-                start = cycle + a if cycle + a > after_s else cycle + self.period[c] + a
-                best = min(best, start)
-        return best
-
-
-def over_selected(per_round: int, rate: float, num_available: int) -> int:
-    """How many to sample for over-selection: ⌈k·(1 + r)⌉, at most the available clients."""
-    return min(num_available, math.ceil(per_round * (1.0 + rate)))
-
-
 
 
 @dataclass(frozen=True)
@@ -155,3 +95,7 @@ class RoundClock:
         compute = (compute_seconds if self.seconds_per_example is None
                    else self.seconds_per_example * n_examples * self.epochs)
         return self.profiles.get(client_id, DeviceProfile()).duration(compute, bytes_down, bytes_up)
+
+    def timing(self, durations: Mapping[int, float]) -> RoundTiming:
+        """The kept clients, stragglers and round length under the clock's policy: ``select`` of the durations (s)."""
+        return select(durations, self.policy, deadline_s=self.deadline_s, keep=self.keep)

@@ -1,30 +1,47 @@
 """Device profiles of a run's clients: built from the config (seeded) or read from a file, and stored.
 
-A ``.pkl`` file is a FedScale device-capacity trace (``fedsim.fedscale``). The
+A ``.pkl`` file is a FedScale device-capacity trace (``fedsim.sim.fedscale``). The
 table form takes one row per client with columns ``client``,
 ``speed_factor``, ``downlink_mbps``, ``uplink_mbps`` and ``latency_s`` (csv,
 json records or parquet, read with pandas); clients it leaves out get a
 speed-1 device with free links. The profiles a run used are written to its
-directory as ``profiles.csv``, so a run can be re-timed or repeated.
+directory as ``profiles.csv``, so a run can be re-timed or repeated, beside a
+copy of the availability trace it used, if any (``store_system``).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from aggregation.errors import ConfigError
-from aggregation.virtual_clock import AvailabilityTrace, DeviceProfile, random_profiles
 from fedsim.config import SystemConfig
-from fedsim.fedscale import fedscale_availability, fedscale_profiles
+from fedsim.sim.availability import AvailabilityTrace
+from fedsim.sim.clock import DeviceProfile
+from fedsim.sim.fedscale import fedscale_availability, fedscale_profiles
 
 COLUMNS = ("client", "speed_factor", "downlink_mbps", "uplink_mbps", "latency_s")
 
 
 def _bps(mbps: float | None) -> float:
     return math.inf if mbps is None or not math.isfinite(mbps) else mbps * 1e6 / 8
+
+
+def random_profiles(
+    num_clients: int, *, seed: int, slow_fraction: float = 0.0, slow_factor: float = 1.0,
+    downlink_bps: float = math.inf, uplink_bps: float = math.inf, latency_s: float = 0.0,
+) -> dict[int, DeviceProfile]:
+    """Profiles where a seeded ``slow_fraction`` of the clients compute ``slow_factor`` times slower."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC10C]))
+    slow = set(rng.choice(num_clients, size=round(slow_fraction * num_clients), replace=False).tolist())
+    return {
+        c: DeviceProfile(slow_factor if c in slow else 1.0, downlink_bps, uplink_bps, latency_s)
+        for c in range(num_clients)
+    }
 
 
 def build_profiles(system: SystemConfig, num_clients: int, seed: int) -> dict[int, DeviceProfile]:
@@ -72,3 +89,10 @@ def write_profiles(profiles: dict[int, DeviceProfile], path: Path) -> None:
              "downlink_mbps": p.downlink_bps * 8 / 1e6, "uplink_mbps": p.uplink_bps * 8 / 1e6, "latency_s": p.latency_s}
             for c, p in sorted(profiles.items())]
     pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, index=False)
+
+
+def store_system(system: SystemConfig, profiles: dict[int, DeviceProfile], run_dir: Path) -> None:
+    """The device profiles and any availability trace the run used, kept in its directory."""
+    write_profiles(profiles, run_dir / "profiles.csv")
+    if system.availability_trace:
+        shutil.copyfile(system.availability_trace, run_dir / "availability_trace.pkl")

@@ -1,12 +1,11 @@
-"""The simulated clock: durations from profiles, round policies, availability, over-selection."""
+"""The simulated clock: durations from profiles, round policies, and the fold's clock of no simulation."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from aggregation.virtual_clock import DeviceProfile, RoundClock, available, over_selected, random_profiles, select
+from aggregation.sim_clock import OnTimeClock, RoundTiming
+from fedsim.sim.clock import DeviceProfile, Policy, RoundClock, select
 
 
 def test_duration_adds_scaled_compute_transfer_and_latency():
@@ -43,22 +42,19 @@ def test_over_selection_keeps_the_first_k_to_finish_ties_by_client_id():
     assert select(DURATIONS, "over_select", keep=1).kept == {1}
 
 
-def test_over_selected_samples_ceil_k_times_one_plus_r_within_the_online():
-    assert over_selected(10, 0.3, 100) == 13 and over_selected(10, 0.3, 11) == 11 and over_selected(4, 0.0, 9) == 4
+@pytest.mark.parametrize("policy", ["wait_all", "deadline", "over_select"])
+def test_round_clock_timing_is_select_under_its_policy(policy: Policy) -> None:
+    clock = RoundClock({}, policy, deadline_s=5.0, keep=3)
+    assert clock.timing(DURATIONS) == select(DURATIONS, policy, deadline_s=5.0, keep=3)
 
 
-def test_random_profiles_slow_down_a_seeded_share_of_clients():
-    profiles = random_profiles(10, seed=1, slow_fraction=0.3, slow_factor=5.0, uplink_bps=1e6)
-    slow = [c for c, p in profiles.items() if p.speed_factor == 5.0]
-    assert len(slow) == 3 and slow == [
-        c for c, p in random_profiles(10, seed=1, slow_fraction=0.3, slow_factor=5.0).items() if p.speed_factor == 5.0
-    ]
-    assert all(p.uplink_bps == 1e6 and math.isinf(p.downlink_bps) for p in profiles.values())
-
-
-def test_availability_is_seeded_per_round_and_respects_the_probability():
-    a, b = (available(1000, round_idx=3, seed=0, probability=0.25),
-            available(1000, round_idx=3, seed=0, probability=0.25))
-    assert a == b and 200 < len(a) < 300
-    assert a != available(1000, round_idx=4, seed=0, probability=0.25)
-    assert available(5, round_idx=1, seed=0, probability=1.0) == [0, 1, 2, 3, 4]
+def test_on_time_clock_gives_the_numbers_of_a_round_clock_without_profiles() -> None:
+    # Prepare: what the fold and the aggregator use when no clock is given, against RoundClock(profiles={})
+    plain, on_time = RoundClock(profiles={}), OnTimeClock()
+    # Execute / Assert: the same durations (measured compute only) and the same wait_all timing
+    for args in [(3, 10, 1.5, 10**6, 10**5), (0, 0, 0, 0, 0), (9, 7.0, 0.25, 5, 0)]:
+        assert on_time.duration(*args) == plain.duration(*args)
+        assert type(on_time.duration(*args)) is type(plain.duration(*args))
+    assert (on_time.policy, on_time.deadline_s) == (plain.policy, plain.deadline_s)
+    assert on_time.timing(DURATIONS) == plain.timing(DURATIONS) == RoundTiming(frozenset(DURATIONS), frozenset(), 9.0)
+    assert on_time.timing({}) == plain.timing({})
