@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsim.driver import RunFailed, run
+from aggregation.errors import RunFailed
+from fedsim.driver import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -16,9 +16,10 @@ import pandas as pd
 import psutil
 import pytest
 
+from aggregation.errors import RunFailed
 from fedsim.callbacks.base import Callback
 from fedsim.config import RunConfig
-from fedsim.driver import RunFailed, run
+from fedsim.driver import run
 from fedsim.report import compare, report
 from tests.e2e.exact import EXACT, assert_same_run
 from tests.fedsim.engine.test_choice_engine import write_hellaswag

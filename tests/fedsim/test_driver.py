@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedsim.driver import ClientSampler
+from fedsim.round_loop import ClientSampler
 from fedsim.seeds import client_seed
 
 

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from actors.aggregator import RoundSummary
+from aggregation.errors import RunFailed
 from fedsim.config import RunConfig, load_config
-from fedsim.driver import RunFailed, _handle_failures
+from fedsim.round_loop import _handle_failures
 
 
 def _cfg(*overrides: str) -> RunConfig:
