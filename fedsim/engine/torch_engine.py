@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aggregation.client_terms import TermInputs
+from aggregation.client_terms import PayloadStart, TermInputs
 from aggregation.compression import encode
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientInstructions, ClientUpdate
@@ -259,11 +259,7 @@ class TorchEngine:
             raise ClientFailure(cid, rnd, "client has no training examples")
 
         if instructions.start is not None:  # e.g. a personalised client's own experts
-            if instructions.start.stop > self.layout.total:
-                raise ClientFailure(cid, rnd, f"the start reaches payload index {instructions.start.stop}, "
-                                              f"the layout has {self.layout.total}")
-            payload = payload.copy()
-            payload[instructions.start.offset : instructions.start.stop] = instructions.start.values
+            payload = self._started(payload, instructions.start, cid, rnd)
         self._load(payload)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -337,17 +333,7 @@ class TorchEngine:
         if on_gpu:  # the client's peak, then the allocator's cache goes back so the next client starts clean
             metrics["gpu_peak_mib"] = (torch.cuda.max_memory_allocated(self.device) / 2**20, 1.0)
             torch.cuda.empty_cache()
-        residual = None
-        comp = self.spec.compression
-        if comp.uplink != "none":  # what the server receives is what it would decode
-            carried = None
-            if comp.error_feedback:
-                carried = instructions.residual if instructions.residual is not None else np.zeros_like(delta)
-            encoded, residual = encode(delta, self.layout.class_spans(), comp.uplink, fraction=comp.topk_fraction,
-                                       residual=carried)
-            delta = encoded.values
-            up.update(encoded.nbytes)
-            metrics["compression_error"] = (encoded.relative_error * n, float(n))
+        delta, residual = self._uplink(delta, instructions, n, up, metrics)
         if instructions.start is not None:  # what it started from was its own, not sent down
             spans = self.layout.class_spans()
             down = {k: 0 if instructions.start.covers(spans[k]) else v for k, v in down.items()}
@@ -364,6 +350,37 @@ class TorchEngine:
             bytes_up=up,
             residual=residual,
         )
+
+    def _started(self, payload: np.ndarray, start: PayloadStart, cid: int, rnd: int) -> np.ndarray:
+        """A copy of ``payload`` with client ``cid``'s start written over its range."""
+        if start.stop > self.layout.total:
+            raise ClientFailure(cid, rnd, f"the start reaches payload index {start.stop}, the layout has "
+                                          f"{self.layout.total}")
+        payload = payload.copy()
+        payload[start.offset : start.stop] = start.values
+        return payload
+
+    def _uplink(
+        self, delta: np.ndarray, instructions: ClientInstructions, n: int, up: dict[str, int],
+        metrics: dict[str, tuple[float, float]],
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The delta as the server receives it, and the new error-feedback residual (None: none kept).
+
+        With ``compression.uplink`` set, the delta is encoded and decoded (what the server would decode), the
+        encoded bytes replace ``up``'s and the relative error, weighted by the client's ``n`` examples, joins
+        ``metrics``.
+        """
+        comp = self.spec.compression
+        if comp.uplink == "none":
+            return delta, None
+        carried = None
+        if comp.error_feedback:
+            carried = instructions.residual if instructions.residual is not None else np.zeros_like(delta)
+        encoded, residual = encode(delta, self.layout.class_spans(), comp.uplink, fraction=comp.topk_fraction,
+                                   residual=carried)
+        up.update(encoded.nbytes)
+        metrics["compression_error"] = (encoded.relative_error * n, float(n))
+        return encoded.values, residual
 
     @torch.no_grad()
     def _routing_stats(self, data: EncodedBatch | ChoiceBatch) -> tuple[RoutingStats, ...]:
