@@ -540,16 +540,25 @@ def read_yaml_file(path: Path, field: str) -> Any:
 _MOVED = {"strategy.prox_mu": "strategy.fedprox.mu", "train.routing_reg": "strategy.fedalign.reg_form"}
 
 
-def _refuse_moved(tree: dict[str, Any]) -> None:
+def _moved(tree: dict[str, Any], *, migrate: bool) -> None:
+    """Refuse a key that moved, naming its new place; or, with ``migrate``, move its value there."""
     for old, new in _MOVED.items():
         section, key = old.split(".")
         node = tree.get(section)
-        if isinstance(node, dict) and key in node:
+        if not (isinstance(node, dict) and key in node):
+            continue
+        if not migrate:
             raise ConfigError(f"{old}: moved to {new}")
+        value = node.pop(key)
+        _set_dotted(tree, new, value)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (if given), apply overrides, validate; raise ConfigError naming the field or file."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, migrate: bool = False) -> RunConfig:
+    """Read YAML (if given), apply overrides, validate; raise ConfigError naming the field or file.
+
+    ``migrate``: keys an earlier release had move to their new place instead of failing (``fedsim resume`` of
+    a run directory whose ``config.yaml`` an earlier release wrote).
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -563,7 +572,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         tree = loaded
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    _refuse_moved(tree)
+    _moved(tree, migrate=migrate)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

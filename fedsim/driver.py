@@ -244,7 +244,7 @@ def resume(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> R
     if (run_dir / "status.json").exists() and _read_json(run_dir / "status.json").get("status") == "completed":
         raise FedsimError(f"{run_dir}: the run is already completed; nothing to resume")
     try:
-        cfg = load_config(run_dir / "config.yaml", [])
+        cfg = load_config(run_dir / "config.yaml", [], migrate=True)  # written by this or an earlier release
     except ConfigError as exc:
         raise FedsimError(f"{run_dir / 'config.yaml'}: {exc}") from None
     if cfg.system.policy == "async":

@@ -158,3 +158,15 @@ def test_gradient_checkpointing_refuses_routing_stats_read_off_training() -> Non
     with pytest.raises(ConfigError, match="^train.gradient_checkpointing: it recomputes the routers"):
         load_config(None, ["train.gradient_checkpointing=true", "train.routing_stats=during"])
     assert load_config(None, ["train.gradient_checkpointing=true"]).train.gradient_checkpointing
+
+
+def test_migrate_moves_the_keys_an_earlier_release_wrote(tmp_path: Path) -> None:
+    # Prepare: a config.yaml as an earlier release dumped it (resume reads it back)
+    path = tmp_path / "config.yaml"
+    path.write_text("strategy:\n  name: fedprox\n  prox_mu: 0.3\ntrain:\n  routing_reg: batch\n")
+    # Execute
+    cfg = load_config(path, [], migrate=True)
+    # Assert: the values reach their new places; without migrate the old keys are refused
+    assert cfg.strategy.fedprox.mu == 0.3 and cfg.strategy.fedalign.reg_form == "batch"
+    with pytest.raises(ConfigError, match=r"^strategy.prox_mu: moved to strategy.fedprox.mu$"):
+        load_config(path, [])
