@@ -60,6 +60,11 @@ class ModelConfig(Options):
         description="load the frozen base quantized by bitsandbytes (the quantization extra; CPU or GPU workers)",
     )
     pretrain: PretrainConfig = PretrainConfig()
+    hf_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="transformers config values set last on a built model (a real configuration's widths: "
+        "vocab_size, kv_lora_rank, n_shared_experts, ...); not the fields above, which fedsim sets itself",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

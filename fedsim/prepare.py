@@ -120,6 +120,8 @@ LOADING_ONLY = {"pretrained", "quantization"}
 def _base_key(cfg: RunConfig) -> str:
     """Hash of everything that shapes the corpus, its split and the base built on it."""
     m = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k not in LOADING_ONLY}
+    if not m["hf_overrides"]:
+        del m["hf_overrides"]  # bases cached before the field existed keep their key
     d = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in PARTITION_ONLY | ENCODING_ONLY}
     # Bump BASE_RECIPE when what the base is pretrained on changes, so stale caches are not reused.
     return _digest({"model": m, "data": d, "recipe": BASE_RECIPE})
@@ -157,6 +159,7 @@ def prepare_base(cfg: RunConfig, train_texts: list[str], label_names: tuple[str,
             top_k=m.top_k,
             max_position=m.max_position,
             seed=m.pretrain.seed,
+            overrides=m.hf_overrides,
         )
         if m.pretrain.steps > 0:
             torch.set_num_threads(os.cpu_count() or 1)

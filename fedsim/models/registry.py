@@ -25,7 +25,7 @@ each at ``layer[-1].mlp``; the router ``router`` wraps an ``nn.Linear``
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -294,6 +294,8 @@ def build_model(
     top_k: int,
     max_position: int,
     seed: int,
+    overrides: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """A randomly initialised model of one family (a causal LM; Switch: a seq2seq LM), in float32 and eval mode.
 
@@ -310,6 +312,16 @@ def build_model(
         FFN width I of one expert (Qwen3-MoE: also of any dense layer).
     top_k : int
         Experts per token, 1 ≤ top_k ≤ num_experts.
+    overrides : mapping or None
+        transformers config values set last (``model.hf_overrides``): what a
+        real configuration has beyond the generic shape, e.g. OLMoE's
+        ``vocab_size`` or DeepSeek-V2's ``kv_lora_rank``. ConfigError for a key
+        the family's config does not have, for one of the generic options
+        (set it through its own argument), and for a ``vocab_size`` smaller
+        than ``vocab_size`` (the tokenizer's ids must fit).
+    device : str, torch.device or None
+        ``"meta"`` builds the model's shapes without memory (a full-depth
+        layout, a plan); None builds on the CPU.
     """
     spec = family_spec(family)
     if not 1 <= top_k <= num_experts:
@@ -332,8 +344,9 @@ def build_model(
     }
     if spec.derived_config is not None:
         options.update(spec.derived_config(options))
+    options.update(_checked_overrides(spec, dict(overrides or {}), tokenizer_vocab=vocab_size))
     config = spec.config_class(**options)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         # transformers leaves the auto classes' from_config unannotated
         model: PreTrainedModel = model_class(config).from_config(  # type: ignore[no-untyped-call]
@@ -341,6 +354,32 @@ def build_model(
         )
     model.eval()  # type: ignore[no-untyped-call]  # transformers leaves PreTrainedModel.eval unannotated
     return model
+
+
+# The transformers keys build_model sets from fedsim's own model options, and the option that sets each.
+_GENERIC_KEYS = {
+    "hidden_size": "hidden_size", "d_model": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_layers": "num_layers", "num_decoder_layers": "num_layers", "num_attention_heads": "num_heads",
+    "num_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "max_position_embeddings": "max_position",
+    "num_experts_per_tok": "top_k",
+}
+
+
+def _checked_overrides(spec: FamilySpec, overrides: dict[str, Any], *, tokenizer_vocab: int) -> dict[str, Any]:
+    """``overrides`` after checking each key is the family's and not one fedsim sets from its own options."""
+    own = dict(_GENERIC_KEYS)
+    own |= {spec.num_experts_key: "num_experts", spec.expert_intermediate_key: "intermediate_size"}
+    known = set(spec.config_class().to_dict()) | set(spec.config_class.attribute_map)
+    for key, value in overrides.items():
+        if key in own:
+            raise ConfigError(f"model.hf_overrides.{key}: fedsim sets it from model.{own[key]}; set that instead")
+        if key not in known:
+            raise ConfigError(f"model.hf_overrides.{key}: {spec.config_class.__name__} has no such field")
+        if key == "vocab_size" and (not isinstance(value, int) or value < tokenizer_vocab):
+            raise ConfigError(
+                f"model.hf_overrides.vocab_size: {value!r} is smaller than the tokenizer's {tokenizer_vocab} ids"
+            )
+    return overrides
 
 
 def model_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]:

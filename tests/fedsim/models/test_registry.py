@@ -241,3 +241,41 @@ def test_build_model_accepts_family_by_keyword() -> None:
         intermediate_size=8, num_experts=2, top_k=1, max_position=16, seed=0,
     )  # fmt: skip
     assert model.config.moe_intermediate_size == 8 and model.config.num_experts == 2
+
+
+def _small(family: str, **kwargs: object) -> torch.nn.Module:
+    return build_model(
+        family, vocab_size=16, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=8,
+        num_experts=2, top_k=1, max_position=16, seed=0, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_build_model_sets_hf_overrides_last() -> None:
+    # Execute: a real configuration's values beyond the generic shape
+    model = _small("deepseek_v2", overrides={"vocab_size": 40, "first_k_dense_replace": 1, "n_shared_experts": 2})
+
+    # Assert: the first layer is dense, the shared experts twice an expert's width, 40 embedding rows
+    assert model.config.first_k_dense_replace == 1 and model.config.n_shared_experts == 2
+    assert model.get_input_embeddings().weight.shape[0] == 40
+    assert len(family_spec("deepseek_v2").moe_blocks(model)) == 1
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "message"),
+    [
+        ("olmoe", {"hidden_size": 32}, r"^model\.hf_overrides\.hidden_size: fedsim sets it from model\.hidden_size"),
+        ("olmoe", {"num_experts": 8}, r"^model\.hf_overrides\.num_experts: fedsim sets it from model\.num_experts"),
+        ("olmoe", {"intermediate_size": 8}, r"from model\.intermediate_size; set that instead$"),
+        ("switch_transformers", {"d_model": 32}, r"^model\.hf_overrides\.d_model: fedsim sets it from model\.hidden_size"),
+        ("olmoe", {"kv_lora_rank": 4}, r"^model\.hf_overrides\.kv_lora_rank: OlmoeConfig has no such field$"),
+        ("olmoe", {"vocab_size": 8}, r"^model\.hf_overrides\.vocab_size: 8 is smaller than the tokenizer's 16 ids$"),
+    ],
+)
+def test_build_model_refuses_hf_overrides_it_cannot_honour(family: str, overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _small(family, overrides=overrides)
+
+
+def test_build_model_on_meta_device_allocates_nothing() -> None:
+    model = _small("olmoe", device="meta")
+    assert all(p.device.type == "meta" for p in model.parameters())
