@@ -266,12 +266,14 @@ def test_build_model_sets_hf_overrides_last() -> None:
         ("olmoe", {"hidden_size": 32}, r"^model\.hf_overrides\.hidden_size: fedsim sets it from model\.hidden_size"),
         ("olmoe", {"num_experts": 8}, r"^model\.hf_overrides\.num_experts: fedsim sets it from model\.num_experts"),
         ("olmoe", {"intermediate_size": 8}, r"from model\.intermediate_size; set that instead$"),
-        ("switch_transformers", {"d_model": 32}, r"^model\.hf_overrides\.d_model: fedsim sets it from model\.hidden_size"),
+        ("switch_transformers", {"d_model": 32}, r"^model\.hf_overrides\.d_model: fedsim sets it from model\.hidden"),
         ("olmoe", {"kv_lora_rank": 4}, r"^model\.hf_overrides\.kv_lora_rank: OlmoeConfig has no such field$"),
         ("olmoe", {"vocab_size": 8}, r"^model\.hf_overrides\.vocab_size: 8 is smaller than the tokenizer's 16 ids$"),
     ],
 )
-def test_build_model_refuses_hf_overrides_it_cannot_honour(family: str, overrides: dict[str, object], message: str) -> None:
+def test_build_model_refuses_hf_overrides_it_cannot_honour(
+    family: str, overrides: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         _small(family, overrides=overrides)
 
