@@ -4,13 +4,16 @@ A ClientApp whose ``train`` handler trains the virtual client ``partition-id``
 with fedsim's own torch engine (same model, LoRA, data rows, local steps, and
 the client's seed from ``fedsim.seeds``, so the same batches), so
 the two systems differ only in how they schedule clients and move payloads,
-and a ServerApp running Flower's FedAvg that records each round's wall time and
-the clients' measured compute seconds.
+and a ServerApp running Flower's FedAvg that records each round's wall time,
+the clients' measured compute seconds and the bytes of the arrays they return.
 
 Two ways to hold the model, set by the spec's ``mode``:
 
-- ``per_call``: the engine (base model from ``from_pretrained`` + LoRA) is
-  built inside every call, the way Flower's LLM examples build their client;
+- ``per_call``: the engine (base model from ``from_pretrained`` + peft LoRA,
+  the global parameters written in) is built inside every call, the way
+  Flower's LLM examples build their client; the spec's ``base_path`` is the
+  directory it loads (for the OLMoE workload, the base as transformers'
+  default ``save_pretrained`` writes it);
 - ``cached``: built once per Ray actor and kept in this module.
 
 Imported by reference (``benchmarks.flower.flower_app``) in Flower's actors,
@@ -73,9 +76,10 @@ def train(msg: Message, context: Context) -> Message:
     update = engine.train(rows, payload, ClientInstructions(client_id=cid, round_idx=round_idx,
                                                             seed=client_seed(spec()["seed"], round_idx, cid)))
     seconds = time.perf_counter() - start  # the client's work, model construction included when it is per call
+    trained = payload + update.delta
     metrics = MetricRecord({"num-examples": update.n_examples, "compute_s": seconds,
-                            "train_s": update.compute_seconds})
-    return Message(RecordDict({"arrays": ArrayRecord([payload + update.delta]), "metrics": metrics}), reply_to=msg)
+                            "train_s": update.compute_seconds, "update_bytes": trained.nbytes})
+    return Message(RecordDict({"arrays": ArrayRecord([trained]), "metrics": metrics}), reply_to=msg)
 
 
 class TimedFedAvg(FedAvg):
@@ -97,12 +101,14 @@ class TimedFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         merged = super().aggregate_train(server_round, replies)
+        metrics = [m.content["metrics"] for m in replies if m.has_content()]
         self.rounds.append({
             "round": server_round,
             "round_wall_s": time.perf_counter() - self._started,
-            "compute_s_sum": sum(float(m.content["metrics"]["compute_s"]) for m in replies if m.has_content()),
-            "train_s_sum": sum(float(m.content["metrics"]["train_s"]) for m in replies if m.has_content()),
-            "clients": sum(1 for m in replies if m.has_content()),
+            "compute_s_sum": sum(float(m["compute_s"]) for m in metrics),
+            "train_s_sum": sum(float(m["train_s"]) for m in metrics),
+            "clients": len(metrics),
+            "update_bytes": float(np.median([float(m["update_bytes"]) for m in metrics])) if metrics else 0.0,
         })
         return merged
 
