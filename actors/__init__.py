@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from actors.aggregator import Aggregator, RoundSummary
+from actors.aggregator import Aggregator, RoundSummary, aggregator_options, reserved_cpus
 from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_work
 from actors.worker import ClientWorker, Engine
 
@@ -48,9 +48,11 @@ __all__ = [
     "Engine",
     "RoundSummary",
     "WorkerPool",
+    "aggregator_options",
     "count_finished",
     "embedded_system_config",
     "gpu_total_bytes",
+    "reserved_cpus",
     "resolve_num_workers",
     "shard_by_work",
 ]

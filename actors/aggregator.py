@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -32,7 +32,7 @@ from aggregation.round_fold import RoundFold, RoundSummary, simulated_duration
 from aggregation.sim_clock import OnTimeClock, SimulatedClock
 from aggregation.strategy import Strategy
 
-__all__ = ["Aggregator", "RoundSummary", "instruction_refs"]
+__all__ = ["Aggregator", "RoundSummary", "aggregator_options", "instruction_refs", "reserved_cpus"]
 
 # what ray.get raises for a client whose update will never come: the task failed, its worker died, the object is gone
 _LOST = (RayTaskError, RayActorError, ObjectLostError, ray.exceptions.RaySystemError)
@@ -61,6 +61,31 @@ def instruction_refs(
         return []
     refs = aggregator.configure.options(num_returns=len(client_ids)).remote(round_idx, client_ids, seeds)
     return [refs] if len(client_ids) == 1 else list(refs)  # Ray gives one ref, not a list, for num_returns=1
+
+
+def reserved_cpus(cpus: int) -> int:
+    """CPUs Ray reserves for the Aggregator actor given ``workers.aggregator_cpus``: none for 1, else all of them.
+
+    With one thread the actor mostly waits on the workers while they train,
+    so it takes no CPU from them (``num_cpus=0``, as it always has).
+    """
+    return cpus if cpus > 1 else 0
+
+
+def aggregator_options(cpus: int, env: Mapping[str, str]) -> dict[str, Any]:
+    """Ray ``.options(...)`` for the Aggregator actor given ``workers.aggregator_cpus``.
+
+    1: none, the class's own ``num_cpus=0``; Ray then starts the actor with
+    ``OMP_NUM_THREADS=1``, so numpy's BLAS and torch run one thread. More:
+    ``cpus`` CPUs reserved, and the actor's process started with ``env``, which
+    should set the thread counts to ``cpus`` (``fedsim.environment.thread_env``):
+    BLAS reads them once, when it loads, so they must be in the process's
+    environment from its start. The Gram matrices of FedAlign-MoE's
+    direction consensus then run on that many threads.
+    """
+    if reserved_cpus(cpus) == 0:
+        return {}
+    return {"num_cpus": reserved_cpus(cpus), "runtime_env": {"env_vars": dict(env)}}
 
 
 @ray.remote(num_cpus=0)

@@ -14,6 +14,8 @@ L_reg = mean over tokens x and MoE layers of
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -275,7 +277,13 @@ class FedAlignMoE(Strategy):
     def _expert_pass(
         self, new: np.ndarray, n: np.ndarray, cohort: list[RoutingStats]
     ) -> tuple[np.ndarray, int, dict[str, float]]:
-        """Module 2, eqs. 7–12, one (layer, expert) slice × cohort in memory at a time."""
+        """Module 2, eqs. 7–12, one (layer, expert) slice × cohort in memory at a time.
+
+        The terms that read no update (σ, τ, the σ gate, the excluded-pair count)
+        come first for a batch of one layer's experts (``_sigma_gates``); then each
+        expert's slice × cohort is copied into one contiguous float32 block, whose
+        Gram matrix (D), γ and π decide its merge.
+        """
         opts = self.options
         pi_sum = np.zeros(len(n))
         merged = kept = excluded = counted_pairs = 0
@@ -284,41 +292,38 @@ class FedAlignMoE(Strategy):
             # called from finish, after its check that begin() set _global
             starts = [self.personal.start_of(cid, self._global) for cid in self._ids]  # type: ignore[arg-type]
             views = np.empty((len(n), self.personal.size), dtype=PAYLOAD_DTYPE)
-        spans = [self.layout.expert_span(*key) for key in self.layout.expert_keys()]
-        width = max((b - a for a, b in spans), default=0)
+        width = max((b - a for a, b in (self.layout.expert_span(*k) for k in self.layout.expert_keys())), default=0)
         cohort_slice = np.empty(len(n) * width, dtype=PAYLOAD_DTYPE)  # the one slice × cohort held at a time
-        signatures: dict[int, np.ndarray] = {}  # layer → μ [N, E, d]
-        for (layer, expert), (a, b) in zip(self.layout.expert_keys(), spans, strict=True):
-            # one slice × cohort, copied in one call into a contiguous [N, |θ(e)|] block
-            deltas = np.concatenate([r.read(a, b) for r in self._readers], out=cohort_slice[: len(n) * (b - a)])
-            deltas = deltas.reshape(len(n), b - a)
+        signatures: dict[int, np.ndarray] = {}  # layer → μ [N, E, d], one layer at a time
+        for layer, experts in self._expert_batches(len(n), cohort):
             if opts.semantic:
                 if layer not in signatures:
                     signatures = {layer: cohort[layer].mu}
-                sigma, counted = sa.signature_similarity(signatures[layer][:, expert], cohort[layer].counts[:, expert])
-                if opts.direction_consensus:
-                    consensus = sa.direction_consensus(sa.slice_gram(deltas))
-                else:  # ablation: γ from the σ gate alone
-                    consensus = np.ones((len(n), len(n)))
-                tau = sa.threshold(sigma, counted, beta=opts.beta)
-                gamma = sa.gate_weights(
-                    sigma, counted, consensus, tau,
-                    gate=opts.gate, temperature=opts.soft_temperature, tol=opts.sigma_tol,
-                )
-                pi = sa.client_weights(gamma, n)
-                if self.personal is not None:
-                    # (12, personalized) θ_j(e) = start_j(e) + Δ_j(e); client i keeps Σ_j γ_ij θ_j / Σ_j γ_ij
-                    thetas = np.stack([s[a - block : b - block] for s in starts]) + deltas
-                    views[:, a - block : b - block] = sa.personalized_view(gamma, thetas)
-                out, pairs = sa.excluded_pairs(sigma, counted, tau, tol=opts.sigma_tol)
+                gates, out, pairs = self._sigma_gates(signatures[layer], cohort[layer].counts, experts)
                 excluded, counted_pairs = excluded + out, counted_pairs + pairs
-            else:
-                pi = n / n.sum()
-            new[a:b] = sa.merge_expert(new[a:b], deltas, pi).astype(PAYLOAD_DTYPE)
-            if pi.sum() > 0:
-                pi_sum, merged = pi_sum + pi, merged + 1
-            else:
-                kept += 1
+            for k, expert in enumerate(experts):
+                a, b = self.layout.expert_span(layer, expert)
+                # one slice × cohort, copied in one call into a contiguous [N, |θ(e)|] block
+                deltas = np.concatenate([r.read(a, b) for r in self._readers], out=cohort_slice[: len(n) * (b - a)])
+                deltas = deltas.reshape(len(n), b - a)
+                if opts.semantic:
+                    if opts.direction_consensus:
+                        consensus = sa.direction_consensus(sa.slice_gram(deltas))
+                    else:  # ablation: γ from the σ gate alone
+                        consensus = np.ones((len(n), len(n)))
+                    gamma = sa.gated_consensus(gates[k], consensus)
+                    pi = sa.client_weights(gamma, n)
+                    if self.personal is not None:
+                        # (12, personalized) θ_j(e) = start_j(e) + Δ_j(e); client i keeps Σ_j γ_ij θ_j / Σ_j γ_ij
+                        thetas = np.stack([s[a - block : b - block] for s in starts]) + deltas
+                        views[:, a - block : b - block] = sa.personalized_view(gamma, thetas)
+                else:
+                    pi = n / n.sum()
+                new[a:b] = sa.merge_expert(new[a:b], deltas, pi).astype(PAYLOAD_DTYPE)
+                if pi.sum() > 0:
+                    pi_sum, merged = pi_sum + pi, merged + 1
+                else:
+                    kept += 1
         if self.personal is not None:
             for cid, view in zip(self._ids, views, strict=True):
                 self.personal.put(cid, view)
@@ -327,6 +332,32 @@ class FedAlignMoE(Strategy):
             report["excluded_pair_frac"] = excluded / counted_pairs if counted_pairs else 0.0
             report["experts_kept_frac"] = kept / len(self.layout.expert_keys())
         return pi_sum, merged, report
+
+    def _expert_batches(self, num_clients: int, cohort: list[RoutingStats]) -> Iterator[tuple[int, list[int]]]:
+        """(layer, experts) in buffer order: each layer's experts in batches of ``semantic_alignment.sigma_batch``."""
+        for layer, keys in itertools.groupby(self.layout.expert_keys(), key=lambda key: key[0]):
+            experts = [e for _, e in keys]
+            size = sa.sigma_batch(num_clients, cohort[layer].x_sum.shape[-1])
+            for i in range(0, len(experts), size):
+                yield layer, experts[i : i + size]
+
+    def _sigma_gates(self, mu: np.ndarray, counts: np.ndarray, experts: list[int]) -> tuple[np.ndarray, int, int]:
+        """Eqs. 7, 9 and the σ factor of eq. 10 for a batch of one layer's experts.
+
+        ``mu`` [N, E, d] and ``counts`` [N, E] are the layer's signatures and
+        token counts. Returns the σ gate [k, N, N]
+        (``semantic_alignment.sigma_gate``), the counted pairs it excludes and
+        the counted pairs, summed over the batch.
+        """
+        opts = self.options
+        idx = np.asarray(experts)
+        # [k, N, d] and [k, N]: expert-major, as the batch is indexed
+        sigma, counted = sa.signature_similarity(mu[:, idx].swapaxes(0, 1), counts[:, idx].T)
+        tau = sa.thresholds(sigma, counted, beta=opts.beta)
+        gates = sa.sigma_gate(sigma, counted, tau, gate=opts.gate, temperature=opts.soft_temperature,
+                              tol=opts.sigma_tol)
+        out, pairs = sa.excluded_pairs(sigma, counted, tau, tol=opts.sigma_tol)
+        return gates, out, pairs
 
     # -- state ----------------------------------------------------------------------------------
 

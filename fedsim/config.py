@@ -49,6 +49,10 @@ class ModelConfig(Options):
     pretrained: str | None = Field(None, description="hub id or local directory; None builds from this config")
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(4, ge=1)
+    full_depth: int | None = Field(
+        None, ge=1, description="the real model's depth when num_layers is reduced (`fedsim plan` gives its payload "
+        "too); None: num_layers is the real depth. Never changes the base"
+    )
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(256, ge=4)
@@ -72,6 +76,8 @@ class ModelConfig(Options):
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        if self.full_depth is not None and self.full_depth < self.num_layers:
+            raise ConfigError(f"model.full_depth: {self.full_depth} is less than model.num_layers={self.num_layers}")
         return self
 
 
@@ -262,11 +268,24 @@ class WorkersConfig(Options):
     )
     ray_address: str | None = Field(None, description="None starts an embedded local Ray")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
+    aggregator_cpus: int = Field(
+        1, ge=1, description="CPUs reserved for the aggregator actor, and its BLAS / torch threads. 1: none reserved, "
+        "one thread (it mostly waits on the workers); more only where those cores are free: BLAS threads that share "
+        "busy cores spin-wait on each other"
+    )
     max_restarts: int = Field(2, ge=0, description="times Ray restarts a worker process that died")
     max_task_retries: int = Field(2, ge=0, description="times a client whose worker died is retried")
     on_client_failure: Literal["drop", "stop"] = Field(
         "drop", description="a client that still fails: dropped from its round (logged, counted) or the run stops"
     )
+
+    @model_validator(mode="after")
+    def _aggregator_fits(self) -> WorkersConfig:
+        if self.ray_num_cpus is not None and self.aggregator_cpus > self.ray_num_cpus:
+            raise ConfigError(
+                f"workers.aggregator_cpus: {self.aggregator_cpus} is more than workers.ray_num_cpus={self.ray_num_cpus}"
+            )
+        return self
 
 
 class EngineConfig(Options):

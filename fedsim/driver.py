@@ -30,6 +30,7 @@ from actors import (
     WorkerPool,
     embedded_system_config,
     gpu_total_bytes,
+    reserved_cpus,
     resolve_num_workers,
 )
 from aggregation.errors import ConfigError, FedsimError
@@ -299,7 +300,7 @@ def _num_workers(cfg: RunConfig) -> int:
     ]
     return resolve_num_workers(
         w.num_workers, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker, group_size=group_size,
-        nodes=planned,
+        reserve_cpus=reserved_cpus(w.aggregator_cpus), nodes=planned,
     )
 
 

@@ -115,11 +115,13 @@ PARTITION_ONLY = {
 # Settings that only decide how examples are encoded, or how the base is loaded: never the corpus or the base.
 ENCODING_ONLY = {"max_length", "max_option_length"}
 LOADING_ONLY = {"pretrained", "quantization"}
+# Model settings that only describe the run for `fedsim plan` (the real depth of a reduced model): never the base.
+PLANNING_ONLY = {"full_depth"}
 
 
 def _base_key(cfg: RunConfig) -> str:
     """Hash of everything that shapes the corpus, its split and the base built on it."""
-    m = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k not in LOADING_ONLY}
+    m = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k not in LOADING_ONLY | PLANNING_ONLY}
     if not m["hf_overrides"]:
         del m["hf_overrides"]  # bases cached before the field existed keep their key
     d = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in PARTITION_ONLY | ENCODING_ONLY}

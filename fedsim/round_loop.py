@@ -26,13 +26,14 @@ import numpy as np
 import ray
 
 from actors import Aggregator, WorkerPool, count_finished
-from actors.aggregator import instruction_refs
+from actors.aggregator import aggregator_options, instruction_refs
 from aggregation.errors import FedsimError, RunFailed
 from aggregation.messages import ClientUpdate
 from aggregation.payload import PayloadLayout
 from aggregation.round_fold import RoundSummary
 from aggregation.routing_stats import total_variation
 from aggregation.sim_clock import SimulatedClock
+from fedsim import environment
 from fedsim.callbacks.base import Callback, RoundRecord
 from fedsim.checkpoint import Checkpoint
 from fedsim.config import RunConfig
@@ -101,8 +102,12 @@ def _start_aggregator(cfg: RunConfig, layout: PayloadLayout, clock: SimulatedClo
 
     The handle is untyped: mypy does not apply the ``@ray.remote`` class decorator.
     """
-    return cast(Any, Aggregator).remote(StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
-                                        measure_memory=cfg.logging.aggregator_memory, clock=clock)
+    cpus = cfg.workers.aggregator_cpus
+    options = aggregator_options(cpus, {**environment.ENV, **environment.thread_env(cpus)})
+    return cast(Any, Aggregator).options(**options).remote(
+        StrategyFactory(cfg.strategy), layout, cfg.strategy.max_update_norm,
+        measure_memory=cfg.logging.aggregator_memory, clock=clock,
+    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from actors.aggregator import Aggregator, instruction_refs
+from actors.aggregator import Aggregator, aggregator_options, instruction_refs, reserved_cpus
 from aggregation import ClientInstructions, EntrySpec, FedAvg, PayloadLayout
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientUpdate
@@ -35,6 +35,25 @@ def test_duration_of_an_update_the_guard_will_reject_is_finite(n_examples: float
 def test_duration_of_a_good_update_follows_the_clock() -> None:
     assert simulated_duration(_update(10, 3.0), RoundClock(profiles={}, seconds_per_example=0.5)) == 5.0
     assert simulated_duration(_update(10, 3.0), RoundClock(profiles={})) == 3.0
+
+
+def test_one_aggregator_cpu_reserves_none_and_keeps_the_actors_own_options() -> None:
+    # Execute / Assert: num_cpus=0 from the class, one thread (Ray's OMP_NUM_THREADS=1)
+    assert reserved_cpus(1) == 0
+    assert aggregator_options(1, {"OMP_NUM_THREADS": "1"}) == {}
+
+
+def test_more_aggregator_cpus_are_reserved_and_the_process_starts_with_their_threads() -> None:
+    # Prepare
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3"}
+
+    # Execute
+    options = aggregator_options(3, env)
+
+    # Assert
+    assert reserved_cpus(3) == 3
+    assert options == {"num_cpus": 3, "runtime_env": {"env_vars": env}}
+    assert options["runtime_env"]["env_vars"] is not env  # a copy: Ray may keep it
 
 
 LAYOUT = PayloadLayout.build([EntrySpec("w", "shared", None, None, (4,))])

@@ -365,6 +365,96 @@ class TestProperties:
         assert sorted(r for r in reads if r not in in_routers) == sorted(spans * 3)
 
 
+def _cos64(u: np.ndarray, v: np.ndarray) -> float:
+    """cos(u, v) in float64, 0 when either is the zero vector."""
+    nu, nv = float(np.linalg.norm(u)), float(np.linalg.norm(v))
+    return float(np.dot(u, v)) / (nu * nv) if nu > 0 and nv > 0 else 0.0
+
+
+def _reference_experts(layout: PayloadLayout, base: np.ndarray, clients, *, beta: float = 1.0) -> np.ndarray:
+    """Eqs. 7–12 in float64 with plain loops, written from the spec: the expected payload of every expert slice."""
+    out = base.astype(np.float64)
+    n = np.array([c[1] for c in clients], dtype=np.float64)
+    deltas = np.array([c[2] for c in clients], dtype=np.float64)
+    num = len(clients)
+    for layer, e in layout.expert_keys():
+        a, b = layout.expert_span(layer, e)
+        stats = [c[3][layer] for c in clients]
+        used = [st.counts[e] > 0 for st in stats]
+        mu = [st.x_sum[e] / st.counts[e] if st.counts[e] > 0 else np.zeros_like(st.x_sum[e]) for st in stats]
+        pairs = [(i, j) for i in range(num) for j in range(i + 1, num) if used[i] and used[j]]
+        sigma = {(i, j): _cos64(mu[i], mu[j]) for i, j in pairs}
+        values = np.array(list(sigma.values()))
+        tau = values.mean() - beta * values.std() if len(values) else np.nan
+        gamma = np.eye(num)
+        for (i, j), s in sigma.items():
+            gamma[i, j] = gamma[j, i] = float(s >= tau - 1e-9) * max(_cos64(deltas[i, a:b], deltas[j, a:b]), 0.0)
+        raw = n * (gamma.sum(axis=1) - 1.0)
+        if raw.sum() > 0:
+            out[a:b] += (raw / raw.sum()) @ deltas[:, a:b]
+    return out
+
+
+def _wide_layout() -> PayloadLayout:
+    """Shared (3,); 2 MoE layers of 4 experts, each A (6,) and B (5,); routers [4, 2]."""
+    specs = [EntrySpec("attn", "shared", None, None, (3,))]
+    for layer in range(2):
+        specs.append(EntrySpec(f"l{layer}.gate.weight", "router", layer, None, (4, 2)))
+        for e in range(4):
+            specs += [EntrySpec(f"l{layer}.lora_A", "expert", layer, e, (6,), axis=0, start=e, stop=e + 1),
+                      EntrySpec(f"l{layer}.lora_B", "expert", layer, e, (5,), axis=0, start=e, stop=e + 1)]
+    return PayloadLayout.build(specs)
+
+
+def _wide_cohort(num_clients: int = 7, seed: int = 11):
+    """(cid, n, delta, routing) of clients whose signatures and updates spread in direction; some skip experts."""
+    layout = _wide_layout()
+    rng = np.random.default_rng(seed)
+    clients = []
+    for cid in range(num_clients):
+        routing = []
+        for _ in range(2):
+            counts = rng.integers(0, 4, size=4).astype(np.float64)
+            mu = rng.normal(size=(4, 3)) + [[2.0, 0.0, 0.0]] * 4
+            routing.append(RoutingStats(10, np.full(4, 2.5), counts, 0.2 * counts, mu * counts[:, None]))
+        delta = (rng.normal(size=layout.total) * 1e-2).astype(np.float32)
+        clients.append((cid, int(rng.integers(1, 50)), delta, routing))
+    return layout, clients
+
+
+class TestAgainstFloat64Reference:
+    def test_experts_match_an_independent_float64_implementation_within_float32_rounding(self):
+        # Prepare
+        layout, clients = _wide_cohort()
+        g = np.random.default_rng(1).normal(size=layout.total).astype(np.float32)
+        lo, hi = layout.expert_block
+
+        # Execute
+        result = _run(FedAlignMoE(layout), g, [_reader(*c) for c in clients])
+
+        # Assert: the float32 Gram moves D by ~1e-7 and π with it; the payload rounds θ to float32
+        expected = _reference_experts(layout, g, clients)
+        np.testing.assert_allclose(result.payload[lo:hi], expected[lo:hi], rtol=2**-23, atol=1e-6 * 1e-2)
+        assert result.report["excluded_pair_frac"] > 0
+
+    @pytest.mark.parametrize("batch_bytes", [1, 8 * 7 * 7 * 2, 2**30])
+    def test_sigma_batches_of_any_size_give_the_same_round(self, monkeypatch, batch_bytes):
+        # Prepare: batches of 1, 2 and all 4 experts of a layer
+        from aggregation import semantic_alignment
+
+        layout, clients = _wide_cohort()
+        g = layout.zeros()
+        whole = _run(FedAlignMoE(layout), g, [_reader(*c) for c in clients])
+        monkeypatch.setattr(semantic_alignment, "SIGMA_BATCH_BYTES", batch_bytes)
+
+        # Execute
+        batched = _run(FedAlignMoE(layout), g, [_reader(*c) for c in clients])
+
+        # Assert
+        np.testing.assert_array_equal(batched.payload, whole.payload)
+        assert batched.report == whole.report and batched.client_weights == whole.client_weights
+
+
 class TestState:
     def test_state_dict_round_trips_through_json(self):
         # Prepare

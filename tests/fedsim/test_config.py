@@ -34,6 +34,7 @@ def test_load_config_applies_dotted_overrides(tmp_path: Path) -> None:
         ("model.top_k=9", "model"),
         ("train.lr=abc", "train.lr"),
         ("clients_per_round=50", "clients_per_round"),
+        ("workers.aggregator_cpus=0", "workers.aggregator_cpus"),
     ],
 )
 def test_load_config_rejects_bad_value_naming_field(override: str, field: str) -> None:
@@ -42,6 +43,14 @@ def test_load_config_rejects_bad_value_naming_field(override: str, field: str) -
     message = str(err.value)
     assert message.startswith(field) or f" {field}" in message or field in message.split(":")[0]
     assert "\n" not in message
+
+
+def test_aggregator_cpus_default_to_one_and_may_not_exceed_the_embedded_rays_cpus() -> None:
+    # Execute / Assert
+    assert load_config(None).workers.aggregator_cpus == 1
+    assert load_config(None, ["workers.ray_num_cpus=4", "workers.aggregator_cpus=4"]).workers.aggregator_cpus == 4
+    with pytest.raises(ConfigError, match=r"^workers.aggregator_cpus: 3 is more than workers.ray_num_cpus=2$"):
+        load_config(None, ["workers.ray_num_cpus=2", "workers.aggregator_cpus=3"])
 
 
 def test_load_config_missing_file_names_it(tmp_path: Path) -> None:
