@@ -175,8 +175,8 @@ def main() -> None:
     if args.object_store_gib is None and olmoe:
         args.object_store_gib = 1.0 if args.quick else 4.0
     quiet_libraries()
-    work = Path(tempfile.mkdtemp(prefix="fedsim-scale-"))
-    table = pd.concat([run_one(args, work, s) for s in args.strategies.split(",")], ignore_index=True)
+    with tempfile.TemporaryDirectory(prefix="fedsim-scale-") as work:
+        table = pd.concat([run_one(args, Path(work), s) for s in args.strategies.split(",")], ignore_index=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(args.out) / f"scale_{args.shape}{'_quick' if args.quick else ''}.csv", index=False)
     print(f"{args.shape}: {args.clients} clients, {args.per_round} per round, {args.rounds} rounds, 2 workers")
