@@ -1,7 +1,8 @@
 """The ``fedsim`` command line.
 
 Its commands: ``run --config FILE [--out DIR] [key.sub=value ...]``, ``resume RUN_DIR``,
-``report RUN_DIR``, ``compare RUN_DIR... --out DIR``, and the Ray Jobs commands ``submit``, ``status``,
+``plan --config FILE [--json] [key.sub=value ...]`` (what a run costs and whether it fits, before anything
+runs), ``report RUN_DIR``, ``compare RUN_DIR... --out DIR``, and the Ray Jobs commands ``submit``, ``status``,
 ``logs``, ``stop`` (``--address http://HEAD:8265``).
 
 Every error fedsim raises on purpose is printed as one line naming the field
@@ -12,12 +13,18 @@ as a traceback for a bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from aggregation.errors import FedsimError, RunFailed
+from aggregation.errors import ConfigError, FedsimError, RunFailed
+
+if TYPE_CHECKING:
+    from fedsim.config import RunConfig
+    from fedsim.plan import Capacity
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     for command in (run, resume):
         command.add_argument("--debug", action="store_true",
                              help="show DEBUG lines, library warnings and Ray's worker output (or set FEDSIM_DEBUG=1)")
+    plan = sub.add_parser("plan", help="what a run of a config costs (parameters, bytes, memory) and whether it "
+                          "fits this machine or workers.ray_address, before anything runs")
+    plan.add_argument("--config", "-c", help="YAML config file")
+    plan.add_argument("--json", action="store_true", help="print the figures as JSON instead of the report")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     report = sub.add_parser("report", help="PNG plots and a self-contained report.html for a run directory")
     report.add_argument("run_dir")
     compare = sub.add_parser("compare", help="overlay several runs' accuracy curves (vs round and vs bytes)")
@@ -75,6 +87,57 @@ def _jobs(args: argparse.Namespace) -> int:
         return 2
     except RuntimeError as exc:  # the job SDK's own errors, e.g. an unknown job id
         print(f"fedsim: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cluster_capacity(cfg: RunConfig) -> Capacity:
+    """The capacity of the cluster at ``workers.ray_address``, read once through a read-only connection."""
+    import ray
+
+    from fedsim import environment
+    from fedsim.plan import cluster_capacity
+
+    address = cfg.workers.ray_address
+    assert address is not None  # the caller checked
+    environment.apply()
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"workers.ray_address: cannot connect to {address}: {str(exc).splitlines()[0]}") from None
+    try:
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]  # ray leaves it unannotated: a list of dicts
+    finally:
+        ray.shutdown()
+    return cluster_capacity(cfg, nodes, address)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``fedsim plan``: the report (or ``--json``) on stdout; exit 2 with one line when it does not fit."""
+    from fedsim.config import load_config
+    from fedsim.plan import check_fits, describe, describe_capacity, local_capacity, plan, workers_for
+
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+        capacity = _cluster_capacity(cfg) if cfg.workers.ray_address else local_capacity(cfg)
+        figures = plan(cfg, num_workers=workers_for(cfg, capacity))
+    except FedsimError as exc:
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return 2
+    error = None
+    try:
+        check_fits(figures, capacity)
+    except FedsimError as exc:
+        error = str(exc)
+    if args.json:
+        print(json.dumps({**figures.to_dict(), "capacity": vars(capacity), "fits": error is None, "error": error},
+                         indent=2))
+    else:
+        print(describe(figures))
+        print(f"capacity: {describe_capacity(capacity)}")
+        print("fits" if error is None else f"does not fit: {error}")
+    if error is not None:
+        print(f"fedsim: error: {error}", file=sys.stderr)
         return 2
     return 0
 
@@ -130,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ("submit", "status", "logs", "stop"):
         return _jobs(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command in ("report", "compare"):
         from fedsim.report import compare, report
 

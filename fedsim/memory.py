@@ -1,8 +1,10 @@
-"""GPU memory of one worker, estimated before any actor starts, so a packing that cannot fit fails at once.
+"""Memory of a run, estimated before any actor starts: a worker's GPU memory and each process's host memory.
+
+The GPU estimate makes a packing that cannot fit fail at once; the host estimates are ``fedsim plan``'s.
 
 Flower's Ray engine leaves the packing of clients onto GPUs to the user and
-reports an out-of-memory error minutes into a run. Here each worker's need is
-the sum of:
+reports an out-of-memory error minutes into a run. Here each worker's device
+need is the sum of:
 
 - the frozen base model, resident (its parameters at the engine's precision,
   2 bytes in bf16; with ``model.quantization``, bitsandbytes' linear weights
@@ -11,36 +13,58 @@ the sum of:
   AdamW's two moments (16 bytes a value);
 - activations of one training step at the configured batch size and the
   longest sequence, from the transformer activation count of Korthikanti et
-  al. (2022) per layer, s·b·h·(10 + 24·(k·I)/(4h)) values with fused
-  attention (no s² scores), the MoE block counted for its k routed experts
-  of width I; with ``train.gradient_checkpointing``, each layer's input plus
-  one layer's activations. A multiple-choice example is N rows (one per
-  option) of its context and option.
+  al. (2022) per layer, s·b·h·(10 + 24·F/(4h)) values with fused attention
+  (no s² scores), the MoE block counted for its k routed experts of width I
+  and its shared experts (F = k·I + their width); with
+  ``train.gradient_checkpointing``, each layer's input plus one layer's
+  activations. A multiple-choice example is N rows (one per option) of its
+  context and option; an encoder-decoder's decoder reads one token per
+  example (or an option's tokens) and the encoded prompt's keys and values.
 
-The estimate is analytic; ``measure_worker_memory`` replaces it, for the torch
-engine, by the peak measured over one training step where the driver has a GPU.
+The estimate is analytic, from the base's shapes on the meta device (no
+memory, well under a second at full depth); ``measure_worker_memory``
+replaces it, for the torch engine, by the peak measured over one training step
+where the driver has a GPU. The host-memory model of the worker, the aggregator
+and the driver (``worker_host``, ``aggregator_host``, ``driver_host``) is
+described in docs/scale.md, term by term, with the measurements behind it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from aggregation.errors import ConfigError
-from aggregation.payload import PAYLOAD_DTYPE
+from aggregation.payload import PAYLOAD_DTYPE, PayloadLayout
+from aggregation.semantic_alignment import sigma_batch
 from fedsim.config import RunConfig
 from fedsim.data.choice import ChoiceSplit
 from fedsim.data.encoded import EncodedSplit
 from fedsim.models import apply_lora, family_of
-from fedsim.models.registry import model_class
+from fedsim.models.registry import FamilySpec, model_class
 from fedsim.prepare import PreparedRun
 
 GIB = 2**30
+
+# Resident memory of each process before it holds any data: peak RSS measured on x86-64 Linux, CPython 3.11,
+# torch 2.13 (CPU), transformers 5.22, peft 0.21, ray 2.60 (2026-12-06). For reference, a bare
+# `python -c 'import torch, transformers, peft, ray'` peaks at 0.41 GiB.
+WORKER_RUNTIME = 0.572 * GIB  # a Ray actor that imported actors.worker and fedsim.engine.torch_engine
+AGGREGATOR_RUNTIME = 0.300 * GIB  # a Ray actor that imported actors.aggregator and the strategies (no transformers)
+DRIVER_RUNTIME = 0.558 * GIB  # `import fedsim.driver`
+DRIVER_DATA = 0.08 * GIB  # the gensim topics corpus, its tokenizer and partitions, held by the driver (measured)
+# Values of a forward pass without gradients held at its peak, per token and hidden unit: one layer's hidden
+# states, normed input, q, k, v and their rotated copies, the attention output and the residual sum (the
+# routed experts run one at a time, so their rows add little). Measured: evaluating 64 × 64 tokens at OLMoE's
+# widths added 0.26 GiB to a worker's peak, 8.2 values a token and hidden unit.
+FORWARD_VALUES_PER_TOKEN_UNIT = 10
 
 
 @dataclass(frozen=True)
@@ -64,15 +88,62 @@ class WorkerMemory:
                 f"optimiser {self.trainable / scale:.2f} + activations {self.activations / scale:.2f})")
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """One process's estimated peak resident memory (RSS), in bytes, by part.
+
+    ``shared`` names the parts whose pages other processes of the node map
+    too (the base's file in the page cache, the object store): each process's
+    RSS counts them, a node holds them once.
+    """
+
+    parts: tuple[tuple[str, float], ...]
+    shared: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> float:
+        """The peak RSS, in bytes: every part."""
+        return float(sum(v for _, v in self.parts))
+
+    @property
+    def private(self) -> float:
+        """Bytes only this process holds: the parts not in ``shared``."""
+        return float(sum(v for k, v in self.parts if k not in self.shared))
+
+    def part(self, name: str) -> float:
+        """One part's bytes (0 when absent)."""
+        return float(sum(v for k, v in self.parts if k == name))
+
+
 # bytes a bitsandbytes-quantized linear weight takes
 _QUANTIZED_WIDTH = {"8bit": 1.0, "4bit": 0.5}
 
 
-def _trainable_values(cfg: RunConfig, model: PreTrainedModel) -> int:
-    """Values of the LoRA factors and routers ``cfg`` trains on ``model``: the payload's length."""
-    peft_model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
-                            lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts)
-    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+def meta_base(base_path: str) -> PreTrainedModel:
+    """The base saved at ``base_path``, built from its config on the meta device: its shapes, no memory."""
+    config: Any = AutoConfig.from_pretrained(base_path)
+    with torch.device("meta"):
+        # transformers leaves the auto classes' from_config unannotated
+        model: PreTrainedModel = model_class(config).from_config(config)  # type: ignore[no-untyped-call]
+    return model
+
+
+def adapted(cfg: RunConfig, model: PreTrainedModel) -> PeftModel:
+    """``cfg``'s LoRA on ``model`` with its routers trainable: what every worker trains.
+
+    A model on the meta device gets its LoRA factors there too (peft would otherwise create and initialise
+    them in memory: 0.4 GB and seconds at Qwen1.5-MoE's full depth).
+    """
+    on_meta = next(model.parameters()).is_meta
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        return apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
+                          lora_attention=cfg.lora.attention, lora_experts=cfg.lora.experts,
+                          routed_experts=cfg.lora.routed_experts)
+
+
+def trainable_values(model: nn.Module) -> int:
+    """Values of the parameters that train (LoRA factors and routers): the payload's length."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def payload_nbytes(cfg: RunConfig, base_path: str) -> int:
@@ -80,12 +151,7 @@ def payload_nbytes(cfg: RunConfig, base_path: str) -> int:
 
     Read on the meta device, before any worker builds the model.
     """
-    config: Any = AutoConfig.from_pretrained(base_path)
-    with torch.device("meta"):
-        # transformers leaves the auto classes' from_config unannotated
-        base: PreTrainedModel = model_class(config).from_config(config)  # type: ignore[no-untyped-call]
-        values = _trainable_values(cfg, base)
-    return int(values) * np.dtype(PAYLOAD_DTYPE).itemsize
+    return trainable_values(adapted(cfg, meta_base(base_path))) * np.dtype(PAYLOAD_DTYPE).itemsize
 
 
 def estimate_worker_memory(cfg: RunConfig, base_path: str, *, num_options: int = 1) -> WorkerMemory:
@@ -93,40 +159,286 @@ def estimate_worker_memory(cfg: RunConfig, base_path: str, *, num_options: int =
 
     ``num_options``: rows a training example takes (its options, for a multiple-choice task).
     """
-    config: Any = AutoConfig.from_pretrained(base_path)
-    with torch.device("meta"):
-        # transformers leaves the auto classes' from_config unannotated
-        model = model_class(config).from_config(config)  # type: ignore[no-untyped-call]
-        base_values = sum(p.numel() for p in model.parameters())
-        spec = family_of(model)
-        expert_values = sum(p.numel() for m in spec.experts_modules(model) for p in m.parameters())
-        skip = {id(p) for r in spec.routers(model) for p in r.parameters()}
-        skip |= {id(model.get_output_embeddings().weight)}
-        linear_values = sum(
-            m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in skip
-        )
-        trainable_values = _trainable_values(cfg, model)
-    deepspeed = cfg.engine.backend == "deepspeed"
-    group = cfg.engine.group_size if deepspeed else 1
-    half = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and cfg.workers.gpus_per_worker > 0)
-    width = 2 if half else 4
+    return worker_memory(cfg, adapted(cfg, meta_base(base_path)), num_options=num_options)
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """What the estimates read off an adapted model: values by kind, its config and family."""
+
+    config: Any
+    spec: FamilySpec
+    base: int  # every parameter of the base model (frozen weights and routers)
+    experts: int  # the frozen routed-expert weights
+    linear: int  # frozen nn.Linear weights but the routers and the output layer (what bitsandbytes quantizes)
+    trainable: int
+    mlp: int  # FFN width a token passes through in a MoE block: k routed experts of width I, and shared experts
+    dense: int  # the widest FFN run on every token at once (a dense layer's, a shared expert's); 0: none
+
+
+def _shared_width(model: PeftModel, spec: FamilySpec) -> int:
+    """The width of a MoE block's always-on shared experts together (their up projection's outputs; 0: none)."""
+    blocks = spec.moe_blocks(model)
+    up = [path for path in spec.shared_projections if path.endswith("up_proj")]
+    if not blocks or not up:
+        return 0
+    module: Any = blocks[0]
+    for part in up[0].split("."):
+        module = getattr(module, part)
+    linear = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return int(linear.weight.shape[0])
+
+
+def _counts(model: PeftModel) -> _Counts:
+    spec = family_of(model)
+    config: Any = model.get_base_model().config
+    routers = {id(p): p.numel() for r in spec.routers(model) for p in r.parameters()}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    experts = sum(p.numel() for m in spec.experts_modules(model) for p in m.parameters() if not p.requires_grad)
+    skip = set(routers) | {id(model.get_output_embeddings().weight)}
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, nn.Linear) and not m.weight.requires_grad and id(m.weight) not in skip)
+    mlp = spec.top_k(config) * int(getattr(config, spec.expert_intermediate_key)) + _shared_width(model, spec)
+    return _Counts(config, spec, frozen + sum(routers.values()), experts, linear, trainable_values(model), mlp,
+                   _dense_width(model, spec, skip, hidden=int(config.hidden_size)))
+
+
+def _dense_width(model: PeftModel, spec: FamilySpec, skip: set[int], *, hidden: int) -> int:
+    """The widest FFN projection from the hidden states outside attention, routers, routed experts, output layer."""
+    routed = {id(m) for experts in spec.experts_modules(model) for m in experts.modules()}
+    widths = [m.out_features for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.in_features == hidden and id(m) not in routed
+              and id(m.weight) not in skip and not m.weight.requires_grad
+              and not any(part in spec.attention_projections for part in name.split("."))]
+    return max(widths, default=0)
+
+
+def _layers(config: PretrainedConfig) -> int:
+    """Transformer layers a token passes through (an encoder-decoder's encoder and decoder layers)."""
+    decoder = getattr(config, "num_decoder_layers", 0) if config.is_encoder_decoder else 0
+    return int(config.num_hidden_layers) + int(decoder)
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """One stack of layers in a pass: how many, the tokens each holds, the tokens its cross-attention reads."""
+
+    layers: int
+    tokens: int
+    attended: int = 0
+
+
+def _stacks(cfg: RunConfig, config: PretrainedConfig, *, rows: int, num_options: int) -> list[_Stack]:
+    """The layers a pass over ``rows`` examples runs, stack by stack (fedsim.engine.torch_engine's passes).
+
+    A decoder-only model reads every row in full (an example, or one row per option: the prompt and the
+    option). An encoder-decoder encodes each prompt once; its decoder reads one token per example (the label
+    word's step) or each option's tokens, and attends to the encoded prompt.
+    """
+    prompt = cfg.data.max_length
+    if not config.is_encoder_decoder:
+        row = prompt + (cfg.data.max_option_length if num_options > 1 else 0)
+        return [_Stack(int(config.num_hidden_layers), rows * num_options * row)]
+    decoded = rows * num_options
+    step = cfg.data.max_option_length if num_options > 1 else 1
+    return [_Stack(int(config.num_hidden_layers), rows * prompt),
+            _Stack(int(config.num_decoder_layers), decoded * step, decoded * prompt)]
+
+
+def _layer_values(tokens: int, hidden: int, mlp: int) -> float:
+    """Korthikanti et al. (2022): values one layer keeps for backward, t·h·(10 + 24·F/(4h)) for t tokens.
+
+    Fused attention (no s² scores); F is the FFN width a token passes through (``_Counts.mlp``).
+    """
+    return tokens * hidden * (10 + 24 * mlp / (4 * hidden))
+
+
+def step_activations(cfg: RunConfig, config: PretrainedConfig, *, mlp: int, rows: int, num_options: int = 1,
+                     width: float = 4.0) -> float:
+    """Bytes of the activations one training step of ``rows`` examples keeps for its backward pass.
+
+    Per layer ``_layer_values`` for its tokens, with F = ``mlp``: the MoE block counted for its k routed experts
+    of width I and its shared experts; a decoder layer adds the keys and values of the encoded prompt its
+    cross-attention reads. With gradient checkpointing: each layer's input plus one layer's activations.
+    """
+    h = int(config.hidden_size)
+
+    def per_layer(stack: _Stack) -> float:
+        return _layer_values(stack.tokens, h, mlp) + 2 * stack.attended * h
+
+    stacks = _stacks(cfg, config, rows=rows, num_options=num_options)
+    if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's activations exist at a time
+        return (sum(st.layers * st.tokens * h for st in stacks) + max(per_layer(st) for st in stacks)) * width
+    return sum(st.layers * per_layer(st) for st in stacks) * width
+
+
+def forward_activations(cfg: RunConfig, config: PretrainedConfig, *, dense: int, rows: int, num_options: int = 1,
+                        width: float = 4.0) -> float:
+    """Bytes a forward pass without gradients over ``rows`` examples holds at its peak (one layer at a time).
+
+    Per token, the larger of the attention's working set (``FORWARD_VALUES_PER_TOKEN_UNIT`` values a hidden
+    unit) and an FFN run on every token at once (``dense`` wide: its gate, up and gated outputs, and the hidden
+    states in and out).
+    """
+    h = int(config.hidden_size)
+    per_token = max(FORWARD_VALUES_PER_TOKEN_UNIT * h, 3 * h + 3 * dense)
+    stacks = _stacks(cfg, config, rows=rows, num_options=num_options)
+    return max(per_token * st.tokens + 2 * st.attended * h for st in stacks) * width
+
+
+def _half(cfg: RunConfig) -> bool:
+    """Whether the frozen base is held in bf16 (on GPUs by default)."""
+    return cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and cfg.workers.gpus_per_worker > 0)
+
+
+def worker_memory(cfg: RunConfig, model: PeftModel, *, num_options: int = 1) -> WorkerMemory:
+    """The analytic device estimate for ``cfg``'s engine on ``model`` (``cfg``'s LoRA applied, usually on meta)."""
+    c = _counts(model)
+    group = cfg.engine.group_size if cfg.engine.backend == "deepspeed" else 1
+    width = 2 if _half(cfg) else 4
     if cfg.model.quantization != "none":  # linear weights quantized, everything else in bf16
-        resident = linear_values * _QUANTIZED_WIDTH[cfg.model.quantization] + (base_values - linear_values) * 2
+        resident = c.linear * _QUANTIZED_WIDTH[cfg.model.quantization] + (c.base - c.linear) * 2
         width = 2
     else:
-        resident = (base_values - expert_values + expert_values / group) * width
-    per_rank_batch = -(-cfg.train.batch_size // group) * num_options  # a group splits each batch's rows over its ranks
-    s = cfg.data.max_length + (cfg.data.max_option_length if num_options > 1 else 0)
-    b, h = per_rank_batch, int(config.hidden_size)
-    k, inner = spec.top_k(config), int(getattr(config, spec.expert_intermediate_key))
-    per_layer = s * b * h * (10 + 24 * (k * inner) / (4 * h))
-    decoder_layers = getattr(config, "num_decoder_layers", 0) if config.is_encoder_decoder else 0
-    layers = int(config.num_hidden_layers) + int(decoder_layers)
-    if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's activations exist at a time
-        activations = (layers * s * b * h + per_layer) * width
+        resident = (c.base - c.experts + c.experts / group) * width
+    rows = -(-cfg.train.batch_size // group)  # a group splits each batch's rows over its ranks
+    activations = step_activations(cfg, c.config, mlp=c.mlp, rows=rows, num_options=num_options, width=width)
+    return WorkerMemory(base=resident, trainable=16.0 * c.trainable, activations=activations)
+
+
+def touched_base_values(model: PeftModel, *, tokenizer_vocab: int | None) -> int:
+    """Base values a worker's passes read: all but the input embedding's rows no token id reaches.
+
+    A base built here has a tokenizer of ``tokenizer_vocab`` ids and may have a larger ``vocab_size`` (a real
+    configuration's): the rows past the tokenizer's are never looked up, so their pages of the mapped file are
+    never read. The output layer computes every vocabulary logit, so a tied embedding is read whole.
+    None (a pretrained base, with its own tokenizer): every row may be read.
+    """
+    c = _counts(model)
+    embedding = model.get_input_embeddings().weight
+    if tokenizer_vocab is None or embedding is model.get_output_embeddings().weight:
+        return c.base
+    rows, width = (int(n) for n in embedding.shape)
+    return c.base - max(0, rows - tokenizer_vocab) * width
+
+
+def worker_host(cfg: RunConfig, model: PeftModel, *, tokenizer_vocab: int | None, payload: int, update_object: int,
+                instructions_object: int, updates_per_round: int, num_options: int = 1) -> HostMemory:
+    """A worker's peak RSS: runtime, base, trainable state, buffers, a step and a forward pass, store pages.
+
+    ``payload``: bytes of the global payload; ``update_object``: bytes of one ``ClientUpdate`` in the object store
+    (delta, residual, routing statistics); ``instructions_object``: bytes of one client's instructions there (a
+    residual or a start, else 0); ``updates_per_round``: clients this worker trains in a round.
+    """
+    c = _counts(model)
+    on_gpu = cfg.workers.gpus_per_worker > 0
+    quantized = cfg.model.quantization != "none"
+    half = _half(cfg)
+    group = cfg.engine.group_size if cfg.engine.backend == "deepspeed" else 1
+    touched = touched_base_values(model, tokenizer_vocab=tokenizer_vocab) - c.experts * (1 - 1 / group)
+    parts: list[tuple[str, float]] = [("runtime", WORKER_RUNTIME)]
+    shared: list[str] = []
+    if on_gpu:  # the base passes through the host on its way to the GPU, converted first when it is cast
+        width = _QUANTIZED_WIDTH.get(cfg.model.quantization, 2.0 if half else 4.0)
+        parts.append(("base, loading (host copy before the GPU)", touched * width))
+    elif quantized or half:  # converted while loading: a private copy at its width
+        resident = (c.linear * _QUANTIZED_WIDTH[cfg.model.quantization] + (touched - c.linear) * 2 if quantized
+                    else touched * 2)
+        parts.append(("base, converted (private)", resident))
+    else:  # fp32 on the CPU: the saved file's pages, mapped, read when touched, shared by the node's workers
+        parts.append(("base, mapped file", touched * 4.0))
+        shared.append("base, mapped file")
+    buffers = 2 + (3 if cfg.compression.uplink != "none" else 0) + (1 if instructions_object else 0)
+    parts += [("trainable state (16 B/value)", 16.0 * c.trainable),
+              (f"payload buffers ({buffers} × payload)", buffers * payload)]
+    if not on_gpu:
+        width = 2.0 if half or quantized else 4.0
+        rows = -(-cfg.train.batch_size // group)
+        stats_rows = 2 * cfg.train.batch_size if cfg.train.routing_stats == "after" else 0
+        parts += [
+            ("training step activations", step_activations(cfg, c.config, mlp=c.mlp, rows=rows,
+                                                           num_options=num_options, width=width)),
+            ("forward pass (evaluation / statistics)",
+             forward_activations(cfg, c.config, dense=c.dense, rows=max(cfg.eval.batch_size, stats_rows),
+                                 num_options=num_options, width=width)),
+        ]
+    # One round's objects: the store reuses a round's freed space in the next (a 2-round run at OLMoE's widths:
+    # a worker's peak grew by 53 MiB in round 2 after writing 10 × 32 MiB updates in each round).
+    written = updates_per_round * update_object
+    read = payload + updates_per_round * instructions_object
+    parts.append(("object store pages", float(written + read)))
+    shared.append("object store pages")
+    return HostMemory(tuple(parts), tuple(shared))
+
+
+def aggregator_host(cfg: RunConfig, layout: PayloadLayout, *, cohort: int, update_object: int, routing_client: int,
+                    moe_layers: int, num_experts: int, hidden_size: int) -> HostMemory:
+    """The aggregator's peak RSS: runtime, the cohort's updates read zero-copy, the payloads, the strategy's state.
+
+    ``cohort``: updates in a round; ``routing_client``: bytes of one client's routing statistics.
+    """
+    # The strategies' own arrays, their peak measured with tracemalloc at OLMoE's widths and 20 clients: FedAvg and
+    # FedMoE 24 B a payload value, FedAdam 56, PFL-MoE 165 in round 1 (modelled 169), FedAlign-MoE 12.9 (its
+    # terms below: 11.9; at DeepSeek-V2-Lite's and Switch-base-16's widths 11.8 and 7.1, modelled 11.1 and 6.7).
+    values, name = layout.total, cfg.strategy.name
+    clients_seen = min(cfg.data.num_clients, cfg.rounds * cohort)
+    parts: list[tuple[str, float]] = [
+        ("runtime", AGGREGATOR_RUNTIME),
+        (f"{cohort} updates read zero-copy (object store)", float(cohort * update_object)),
+        ("global payload in and new payload out (object store)", 2.0 * values * 4),
+    ]
+    block = layout.expert_block[1] - layout.expert_block[0]
+    if name == "fedalign_moe":
+        opts = cfg.strategy.fedalign
+        shared_values = sum(e.size for e in layout.select(role="shared"))
+        spans = [layout.expert_span(*key) for key in layout.expert_keys()]
+        width = max((b - a for a, b in spans), default=0)
+        batch = sigma_batch(cohort, hidden_size)  # experts whose σ terms are computed together
+        parts += [
+            ("float64 sums of the shared entries and the new payload", 8.0 * shared_values + 4.0 * values),
+            ("one expert slice × cohort (float32, and float64 in the merge)", 12.0 * cohort * width),
+            ("one layer's routing statistics stacked, and its signatures μ",
+             float(cohort * routing_client // max(moe_layers, 1)) + 8.0 * cohort * num_experts * hidden_size),
+            ("σ terms of a batch of experts (float64 [k, N, d] and [k, N, N])",
+             8.0 * batch * cohort * (hidden_size + 5 * cohort)),
+            ("p_g and every client's α (float64)", 8.0 * (1 + clients_seen) * moe_layers * num_experts),
+        ]
+        if opts.expert_agg == "personalized":
+            parts.append(("personal expert views (the cohort's and every client's)",
+                          4.0 * block * (cohort + clients_seen)))
+    elif name == "fedadam":
+        parts.append(("float64 sum, moments m and v, and the step's float64 temporaries", 56.0 * values))
+    elif name == "pfl_moe":
+        parts += [("float64 sum and the new payload in float64", 20.0 * values),
+                  ("the cohort's trained experts and every client's own", 4.0 * block * (cohort + clients_seen))]
+    else:  # fedavg, fedprox, fedmoe, and a strategy named by import path (counted as FedAvg)
+        parts.append(("float64 running sum, then θ and the mean in float64", 24.0 * values))
+    if cfg.compression.uplink != "none" and cfg.compression.error_feedback:
+        parts.append(("every sampled client's error-feedback residual", 4.0 * values * clients_seen))
+    return HostMemory(tuple(parts), ("global payload in and new payload out (object store)",
+                                     f"{cohort} updates read zero-copy (object store)"))
+
+
+def driver_host(cfg: RunConfig, model: PeftModel, *, builds_base: bool, payload: int) -> HostMemory:
+    """The driver's peak RSS: runtime and data, plus the base it builds in float32 when none is cached.
+
+    Pretraining (``model.pretrain.steps`` > 0) adds the gradients and AdamW's moments of every parameter and the
+    activations of a pretraining step. While the rounds run the driver holds no model, only a view of the payload.
+    """
+    parts: list[tuple[str, float]] = [("runtime", DRIVER_RUNTIME), ("data and tokenizer", DRIVER_DATA)]
+    if builds_base:
+        c = _counts(model)
+        parts.append(("base being built (float32)", 4.0 * c.base))
+        if cfg.model.pretrain.steps > 0:
+            p = cfg.model.pretrain
+            tokens = p.batch_size * p.block_size
+            per_layer = _layer_values(tokens, int(c.config.hidden_size), c.mlp)
+            logits = 2 * tokens * int(c.config.vocab_size)  # the logits over the vocabulary and their gradient
+            parts += [("pretraining: gradients and AdamW moments (12 B/value)", 12.0 * c.base),
+                      ("pretraining step activations and logits", 4.0 * (per_layer * _layers(c.config) + logits))]
     else:
-        activations = per_layer * layers * width
-    return WorkerMemory(base=resident, trainable=16.0 * trainable_values, activations=activations)
+        parts.append(("initial payload (object store view)", float(payload)))
+    return HostMemory(tuple(parts), ())
 
 
 def check_gpu_packing(cfg: RunConfig, need: WorkerMemory, gpu_bytes: float, *, headroom: float = 0.9) -> None:

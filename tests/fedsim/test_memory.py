@@ -116,9 +116,13 @@ def test_estimate_covers_an_encoder_decoder_and_options_as_rows(tmp_path: Path) 
     # Execute
     one = estimate_worker_memory(cfg, path)
     four = estimate_worker_memory(cfg, path, num_options=4)
-    # Assert: activations of 4 layers; four options of (context + option) tokens per example
-    assert one.activations == 4 * 32 * 4 * 32 * (10 + 24 * 1 * 32 / (4 * 32)) * 4
-    assert four.activations == pytest.approx(one.activations * 4 * (32 + 32) / 32)
+    # Assert: 2 encoder layers over the prompts (4 × 32 tokens), 2 decoder layers over one token per example
+    # (the label word's step), or each of the 4 options' 32 tokens, plus the keys and values of the encoded
+    # prompt their cross-attention reads; t·h·(10 + 24·k·I/(4h)) values a layer, fp32
+    per_token = 32 * (10 + 24 * 1 * 32 / (4 * 32))
+    encoder = 2 * (4 * 32) * per_token
+    assert one.activations == (encoder + 2 * (4 * 1 * per_token + 2 * 4 * 32 * 32)) * 4
+    assert four.activations == (encoder + 2 * (16 * 32 * per_token + 2 * 16 * 32 * 32)) * 4
 
 
 def test_payload_bytes_are_the_real_models_layout(base) -> None:  # type: ignore[no-untyped-def]
