@@ -115,7 +115,7 @@ def _cluster_capacity(cfg: RunConfig) -> Capacity:
 def _plan(args: argparse.Namespace) -> int:
     """``fedsim plan``: the report (or ``--json``) on stdout; exit 2 with one line when it does not fit."""
     from fedsim.config import load_config
-    from fedsim.plan import check_fits, describe, describe_capacity, local_capacity, plan, workers_for
+    from fedsim.plan import check_fits, describe, describe_capacity, local_capacity, plan, spill_note, workers_for
 
     try:
         cfg = load_config(args.config, list(args.overrides))
@@ -129,12 +129,15 @@ def _plan(args: argparse.Namespace) -> int:
         check_fits(figures, capacity)
     except FedsimError as exc:
         error = str(exc)
+    note = spill_note(figures, capacity)
     if args.json:
-        print(json.dumps({**figures.to_dict(), "capacity": vars(capacity), "fits": error is None, "error": error},
-                         indent=2))
+        print(json.dumps({**figures.to_dict(), "capacity": vars(capacity), "fits": error is None, "error": error,
+                          "note": note}, indent=2))
     else:
         print(describe(figures))
         print(f"capacity: {describe_capacity(capacity)}")
+        if note:
+            print(f"note: {note}")
         print("fits" if error is None else f"does not fit: {error}")
     if error is not None:
         print(f"fedsim: error: {error}", file=sys.stderr)
