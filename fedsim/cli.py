@@ -115,7 +115,8 @@ def _cluster_capacity(cfg: RunConfig) -> Capacity:
 def _plan(args: argparse.Namespace) -> int:
     """``fedsim plan``: the report (or ``--json``) on stdout; exit 2 with one line when it does not fit."""
     from fedsim.config import load_config
-    from fedsim.plan import check_fits, describe, describe_capacity, local_capacity, plan, spill_note, workers_for
+    from fedsim.plan import check_fits, local_capacity, plan, spill_note, workers_for
+    from fedsim.plan_report import describe, describe_capacity
 
     try:
         cfg = load_config(args.config, list(args.overrides))

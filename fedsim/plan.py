@@ -5,9 +5,10 @@ no base built, no data read, no Ray): the parameters, the payload by class
 at the configured depth and at the real one (``model.full_depth``), the bytes
 a round moves down and up and holds in the object store, and the peak memory
 of a worker, the aggregator and the driver, each with its parts
-(``fedsim.memory``; docs/scale.md gives each term and where it comes from).
-``check_fits`` compares the figures with a machine or a Ray cluster
-(``Capacity``) and raises a one-line ConfigError naming what does not fit.
+(``fedsim.host_memory``, ``fedsim.memory``; docs/scale.md gives each term
+and where it comes from). ``check_fits`` compares the figures with a machine
+or a Ray cluster (``Capacity``) and raises a one-line ConfigError naming what
+does not fit; ``fedsim.plan_report`` writes them out as text.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import psutil
 import torch
 from transformers import AutoConfig, PreTrainedModel
@@ -28,23 +28,13 @@ from transformers import AutoConfig, PreTrainedModel
 from aggregation.errors import ConfigError
 from aggregation.payload import PAYLOAD_DTYPE, ROLES, PayloadLayout
 from fedsim.config import RunConfig
-from fedsim.memory import (
-    GIB,
-    HostMemory,
-    WorkerMemory,
-    adapted,
-    aggregator_host,
-    check_gpu_packing,
-    driver_host,
-    worker_host,
-    worker_memory,
-)
+from fedsim.host_memory import HostMemory, aggregator_host, driver_host, worker_host
+from fedsim.memory import GIB, WorkerMemory, adapted, check_gpu_packing, worker_memory
 from fedsim.models import build_layout, build_model, family_of
 from fedsim.models.registry import model_class
 from fedsim.prepare import _base_key
 from fedsim.sim.availability import over_selected
 
-MIB = 2**20
 Parts = tuple[tuple[str, float], ...]
 # Bytes a client's RoutingStats take on the wire besides its arrays: n_tokens (aggregation/routing_stats.py)
 _ROUTING_SCALAR = 8
@@ -417,79 +407,6 @@ def _workers_that_fit(plan: Plan, cap: Capacity) -> int:
     return fit
 
 
-# -- the report ---------------------------------------------------------------------------------------------
-
-
 def _gib(value: float) -> str:
+    """``value`` bytes in GiB, to two places: the unit the fit's messages and the report give memory in."""
     return f"{value / GIB:.2f} GiB"
-
-
-def _table(rows: list[tuple[str, float]], columns: list[str], number: str) -> str:
-    """A two-column table, names left-aligned, numbers formatted as ``number``."""
-    width = max(len(columns[0]), *(len(name) for name, _ in rows))
-    frame = pd.DataFrame(rows, columns=columns)
-    table: str = frame.to_string(index=False, justify="left", formatters={
-        columns[0]: lambda name: f"{name:<{width}}", columns[1]: lambda v: format(v, number)})
-    return table
-
-
-def _parts_table(figure: HostMemory) -> str:
-    rows = [(name + (" [shared]" if name in figure.shared else ""), value / GIB) for name, value in figure.parts]
-    return _table([*rows, ("total (peak RSS)", figure.total / GIB)], ["part", "GiB"], ".3f")
-
-
-def describe(plan: Plan) -> str:
-    """The plan as a readable report: parameters, bytes, object store, memory (each with its parts)."""
-    cfg = plan.config
-    d = plan.configured
-    lines = [
-        f"fedsim plan: {plan.name} ({plan.family}, {d.layers} layers"
-        + (f" of {plan.depths[-1].layers}" if len(plan.depths) > 1 else "")
-        + f", LoRA rank {cfg.lora.rank}, {plan.strategy}, {plan.clients_per_round} clients a round on "
-        f"{plan.num_workers} workers)",
-        "",
-        "## Parameters",
-    ]
-    params = pd.DataFrame(
-        [(f"{x.layers} layers" + (" (configured)" if i == 0 else " (full depth)"), x.params, x.trainable,
-          x.moe_layers) for i, x in enumerate(plan.depths)],
-        columns=["depth", "total", "trainable", "MoE layers"],
-    )
-    lines += [params.to_string(index=False, formatters={"total": "{:,}".format, "trainable": "{:,}".format}), ""]
-    lines.append("## Bytes (MiB): payload by class, one client, one round (float32 payload)")
-    rows: list[dict[str, Any]] = []
-    for i, x in enumerate(plan.depths):
-        rows.append({
-            "depth": f"{x.layers}" + ("" if i == 0 else " (full)"),
-            **{role: x.by_role[role] / MIB for role in ROLES}, "payload": x.payload / MIB,
-            "update up": x.update / MIB, "routing stats": x.routing / MIB,
-            "down/round": plan.clients_per_round * x.payload / MIB,
-            "up/round": plan.clients_per_round * (x.update + x.routing) / MIB,
-        })  # fmt: skip
-    lines += [pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:,.2f}"),
-              f"down/round = {plan.clients_per_round} clients × payload (each client's instructions, a few hundred "
-              "bytes, not counted); up/round = clients × (update as sent + routing statistics)"
-              + (f"; uplink encoded as {cfg.compression.uplink}" if cfg.compression.uplink != "none" else ""), ""]
-    store = [(k, v / MIB) for k, v in plan.object_store] + [("total", plan.object_store_bytes / MIB)]
-    lines += [_table(store, ["object store, one round", "MiB"], ",.1f"), ""]
-    lines += [f"## Memory (GiB) at the configured depth; {plan.worker_processes} worker processes", "",
-              "worker (each):", _parts_table(plan.worker), ""]
-    if plan.worker_gpu is not None:
-        lines += [f"worker GPU (each): {plan.worker_gpu.describe()}", ""]
-    lines += ["aggregator:", _parts_table(plan.aggregator), "",
-              "driver" + (" (builds the base: none cached)" if plan.builds_base else " (the base is cached)") + ":",
-              _parts_table(plan.driver), ""]
-    rounds = rounds_memory(plan)
-    lines += [
-        f"the run's peak on one node: {_gib(node_memory(plan))}, the larger of the driver's peak and the rounds' "
-        f"{_gib(sum(v for _, v in rounds))}: " + " + ".join(f"{name} {v / GIB:.2f}" for name, v in rounds),
-    ]
-    return "\n".join(lines)
-
-
-def describe_capacity(capacity: Capacity) -> str:
-    """One line: what ``capacity`` offers."""
-    gpus = f", {capacity.gpus:g} GPUs" if capacity.gpus else ""
-    gpu = f" of {_gib(capacity.gpu_memory)}" if capacity.gpus and capacity.gpu_memory else ""
-    return (f"{capacity.where}: {capacity.nodes} node(s), {_gib(capacity.memory)} RAM, {capacity.cpus:g} CPUs"
-            f"{gpus}{gpu}, object store {_gib(capacity.object_store)}")

@@ -19,7 +19,8 @@ from aggregation.routing_stats import RoutingStats
 from fedsim.cli import main
 from fedsim.config import RunConfig, load_config
 from fedsim.models import RoutingRecorder, apply_lora, build_layout, build_model
-from fedsim.plan import Capacity, check_fits, describe, plan, spill_note
+from fedsim.plan import Capacity, check_fits, plan, spill_note
+from fedsim.plan_report import describe
 from fedsim.prepare import _base_key
 
 ROOT = Path(__file__).resolve().parents[2]
