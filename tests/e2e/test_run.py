@@ -222,9 +222,10 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_metrics_match_a_clean_ru
     The restart and retry: workers.max_restarts and max_task_retries. Client seeds depend only on (seed, round,
     client), so the run must come out bit for bit as if nothing had happened.
     """
-    # Prepare: rounds long enough (5 local epochs) for the kill to find a worker inside train; FedAlign-MoE, so
+    # Prepare: rounds long enough (25 local epochs: over a second on a quiet machine, where 5 took 0.2 s and the
+    # progress polls, every 0.25 s, could miss every worker inside train) for the kill to find one; FedAlign-MoE, so
     # that its own columns and cross-round state are compared too
-    overrides = ("rounds=3", "train.local_epochs=5", "strategy.name=fedalign_moe", *EXACT)
+    overrides = ("rounds=3", "train.local_epochs=25", "strategy.name=fedalign_moe", *EXACT)
     run(tiny_config(*overrides), out=tmp_path / "clean")
     killer = _KillOneWorker(round_idx=2)
 
