@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import resource
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -165,21 +166,27 @@ class Aggregator:
         position = {ref: i for i, ref in enumerate(update_refs)}
         pending = list(update_refs)
         update_refs.clear()  # hold each ref only until it is folded in: small updates live inline in this process
+        wait_s = get_s = 0.0
         while pending:
+            t0 = time.perf_counter()
             ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            wait_s += time.perf_counter() - t0
             for ref in ready:
                 i = position.pop(ref)
+                t0 = time.perf_counter()
                 try:
                     update = ray.get(ref)
                 except _LOST as exc:
                     fold.arrive(i, _failure_reason(exc))
                 else:
+                    get_s += time.perf_counter() - t0
                     fold.arrive(i, update)
                     del update  # the fold holds it until its turn
             del ready, ref
         payload, summary = fold.finish()
         return payload, replace(
             summary,
+            aggregator_seconds={"wait": wait_s, "get": get_s, **summary.aggregator_seconds},
             aggregator_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             aggregator_uss_mib=psutil.Process().memory_full_info().uss / 2**20 if self.measure_memory else math.nan,
         )

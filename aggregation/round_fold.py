@@ -18,6 +18,7 @@ routing p̄, failures, rejections, and the train metrics kept as summable
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,6 +54,9 @@ class RoundSummary:
     # private memory now (when measured): object-store pages read zero-copy are shared
     aggregator_uss_mib: float = math.nan
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # Σ sum, Σ weight over accepted clients
+    # the aggregator's seconds by phase: "fold" (strategy.add, reading each update) and "merge" (strategy.finish)
+    # here; the actor adds "wait" (for the next update to finish) and "get" (fetching it: transfer, restore)
+    aggregator_seconds: dict[str, float] = field(default_factory=dict)
 
     def metric(self, name: str) -> float:
         """The round's mean of a summable metric, Σ sum / Σ weight (nan when absent or of zero weight)."""
@@ -150,6 +154,7 @@ class RoundFold:
         self._rejected: list[str] = []
         self._comm: list[dict[str, Any]] = []
         self._metrics: dict[str, tuple[float, float]] = {}
+        self._fold_s = 0.0
         strategy.begin(global_payload, round_idx=round_idx)
 
     def arrive(self, position: int, result: ClientUpdate | str) -> None:
@@ -212,7 +217,9 @@ class RoundFold:
             return
         if update.residual is not None:
             self.residuals[update.client_id] = update.residual
+        t0 = time.perf_counter()
         self.strategy.add(ArrayReader(update))
+        self._fold_s += time.perf_counter() - t0
         if update.routing:
             self._p_bar[update.client_id] = [s.p_bar for s in update.routing]
 
@@ -226,7 +233,9 @@ class RoundFold:
             missing = sorted(set(range(self._next, self.cohort_size)) - set(self._waiting))
             raise RuntimeError(f"round {self.round_idx}: finish() before positions {missing} of the cohort arrived")
         timing = self.clock.timing(self._durations)
+        t0 = time.perf_counter()
         result = self.strategy.finish()
+        merge_s = time.perf_counter() - t0
         clients = [{**r, "weight": 0.0 if r["rejected"] or r["straggler"] else
                     result.client_weights.get(r["client"], float("nan"))} for r in self._rows]
         summary = RoundSummary(
@@ -240,5 +249,6 @@ class RoundFold:
             sim_round_s=timing.round_seconds,
             routing_p_bar=self._p_bar,
             metrics=dict(self._metrics),
+            aggregator_seconds={"fold": self._fold_s, "merge": merge_s},
         )
         return result.payload, summary

@@ -116,6 +116,8 @@ class MemoryProbe(Callback):
         self.rows.append({
             "round": record.round_idx, "train_wall_s": row["train_wall_s"], "wall_s": row["wall_s"],
             "aggregator_peak_mib": row["aggregator_peak_rss_mib"], "aggregator_uss_mib": row["aggregator_uss_mib"],
+            "compute_s_sum": row["compute_s_sum"],
+            **{f"aggregator_{phase}_s": row[f"aggregator_{phase}_s"] for phase in ("wait", "get", "fold", "merge")},
             **memory_now(),
         })
         return False, {}

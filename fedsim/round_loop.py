@@ -356,6 +356,9 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         "wall_s": 0.0,
         "aggregator_peak_rss_mib": s.aggregator_peak_rss_mib,
         "aggregator_uss_mib": s.aggregator_uss_mib,
+        # the aggregator's seconds: waiting for updates, fetching them (transfer, restore), folding, merging
+        **{f"aggregator_{phase}_s": s.aggregator_seconds.get(phase, float("nan"))
+           for phase in ("wait", "get", "fold", "merge")},
         "driver_peak_rss_mib": 0.0,
         "worker_peak_rss_mib": 0.0,
         **s.report,  # the strategy's own columns (e.g. FedAlign-MoE's omega_entropy, excluded_pair_frac)

@@ -119,6 +119,10 @@ def test_aggregate_folds_refs_as_the_fold_does_and_records_a_failed_client(ray_s
     assert repr(summary.clients) == repr(want_summary.clients)  # repr: the rows hold NaNs
     assert summary.metrics == {"train_loss": (10.0, 8.0)}
     assert summary.aggregator_peak_rss_mib > 0  # the actor measures itself
+    # the round's seconds by phase: the fold's two, and the actor's wait and fetch around them
+    assert set(want_summary.aggregator_seconds) == {"fold", "merge"}
+    assert set(summary.aggregator_seconds) == {"wait", "get", "fold", "merge"}
+    assert all(s >= 0 for s in summary.aggregator_seconds.values()) and summary.aggregator_seconds["wait"] > 0
     assert list(state["residuals"]) == list(residuals) == [3]
 
 

@@ -27,3 +27,6 @@ def test_olmoe_cohort_over_a_small_object_store_spills_and_fedalign_moe_complete
     assert list(table["round"]) == [1, 2] and (table["strategy"] == "fedalign_moe").all()
     assert table["spilled_mib"].sum() > 0
     assert (table["aggregator_uss_mib"] > 0).all() and (table["train_wall_s"] > 0).all()
+    # the aggregator's round split by phase: fetching and merging took time, training took the most
+    assert (table["aggregator_merge_s"] > 0).all() and (table["aggregator_get_s"] > 0).all()
+    assert (table["aggregator_wait_s"] > table["aggregator_merge_s"]).all()
