@@ -21,6 +21,7 @@ from typing import Any, Literal, overload
 import numpy as np
 from pydantic import Field, model_validator
 
+from aggregation import function_space as fs
 from aggregation import routing_alignment as ra
 from aggregation import semantic_alignment as sa
 from aggregation.client_terms import RoutingRegulariserTerm
@@ -73,6 +74,11 @@ class FedAlignOptions(Options):
     direction_consensus : bool
         Eq. 10's max(D, 0) factor; False drops it (γ is the σ gate alone), an ablation for
         updates whose directions are too weakly correlated to weigh by (see the README).
+    consensus_space : {"factors", "function"}
+        What D (eq. 8) compares for a LoRA expert: the deltas of its factors (ΔA, ΔB) as
+        they stand, or the change of its effective weights ΔW = (B + ΔB)(A + ΔA) − BA
+        (``aggregation.function_space``; invariant to the LoRA reparametrisation A → GA,
+        B → BG⁻¹). The same for experts trained in full.
     """
 
     reg_lambda: float = Field(0.1, ge=0, description="λ of the client routing regulariser")
@@ -89,6 +95,9 @@ class FedAlignOptions(Options):
     )
     sigma_tol: float = Field(1e-9, ge=0, description="slack of the hard gate's σ ≥ τ")
     direction_consensus: bool = Field(True, description="eq. 10's max(D, 0) factor in γ; false: the σ gate alone")
+    consensus_space: Literal["factors", "function"] = Field(
+        "factors", description="D on the LoRA factor deltas, or on the change of the expert's effective weights"
+    )
     reg_form: RegForm = Field("token", description="the regulariser per token over K(x) (spec), or batch-level KL")
 
     @model_validator(mode="after")
@@ -166,6 +175,11 @@ class FedAlignMoE(Strategy):
         self._alpha: dict[int, np.ndarray] = {}
         self._has_target = False
         self.personal = PersonalExperts(layout) if self.options.expert_agg == "personalized" else None
+        # each expert's slice read as LoRA pairs, for D in function space
+        self._factors = {
+            key: fs.expert_factors(list(entries))
+            for key, entries in itertools.groupby(layout.select(role="expert"), key=lambda e: (e.layer, e.expert))
+        } if self.options.consensus_space == "function" else {}
 
     # -- instructions ---------------------------------------------------------------------------
 
@@ -333,15 +347,21 @@ class FedAlignMoE(Strategy):
                 deltas = np.concatenate([r.read(a, b) for r in self._readers], out=cohort_slice[: len(n) * (b - a)])
                 deltas = deltas.reshape(len(n), b - a)
                 if opts.semantic:
-                    if opts.direction_consensus:
-                        consensus = sa.direction_consensus(sa.slice_gram(deltas))
-                    else:  # ablation: γ from the σ gate alone
+                    if self.personal is not None:
+                        expert_starts = np.stack([s[a - block : b - block] for s in starts])
+                    if not opts.direction_consensus:  # ablation: γ from the σ gate alone
                         consensus = np.ones((len(n), len(n)))
+                    elif opts.consensus_space == "function":  # D on ΔW, from the factors and where they started
+                        start = new[a:b] if self.personal is None else expert_starts  # new[a:b]: θ_g^{t−1}(e) still
+                        gram = fs.function_gram(deltas, start, self._factors[layer, expert])
+                        consensus = sa.direction_consensus(gram)
+                    else:
+                        consensus = sa.direction_consensus(sa.slice_gram(deltas))
                     gamma = sa.gated_consensus(gates[k], consensus)
                     pi = sa.client_weights(gamma, n)
                     if self.personal is not None:
                         # (12, personalized) θ_j(e) = start_j(e) + Δ_j(e); client i keeps Σ_j γ_ij θ_j / Σ_j γ_ij
-                        thetas = np.stack([s[a - block : b - block] for s in starts]) + deltas
+                        thetas = expert_starts + deltas
                         views[:, a - block : b - block] = sa.personalized_view(gamma, thetas)
                 else:
                     pi = n / n.sum()

@@ -10,7 +10,11 @@ Dirichlet α:
   so the gap between the two says how much σ can tell aligned from misaligned;
 - the share of counted pairs the threshold τ = M − β·Σ (eq. 9) excludes;
 - D (eq. 8), the cosine of two clients' updates of one expert, and how often it
-  is negative (γ = 0 whatever σ says);
+  is negative (γ = 0 whatever σ says), both ways: on the LoRA factor deltas
+  (``factors``) and on the change of the expert's effective weights
+  (``function``, ``aggregation.function_space``); and D between expert e on one
+  client and expert e+1 on another, so the gap says whether D tells the same
+  expert from a different one;
 - the entropy of Module 1's consistency weights ω (eq. 3) beside that of the
   n-weights FedAvg uses: log N when every client weighs the same.
 
@@ -30,6 +34,7 @@ environment.apply()
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from aggregation import function_space as fs  # noqa: E402
 from aggregation import routing_alignment as ra  # noqa: E402
 from aggregation import semantic_alignment as sa  # noqa: E402
 from aggregation.messages import ClientInstructions, ClientUpdate  # noqa: E402
@@ -47,15 +52,41 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
-def alignment_signals(updates: list[ClientUpdate], layout: PayloadLayout, *, beta: float = 1.0) -> dict[str, float]:
+def consensus_pairs(
+    deltas: np.ndarray, other: np.ndarray, base: np.ndarray, base_other: np.ndarray, factors: fs.ExpertFactors
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """D between the clients' updates of one expert (same) and of it against the next expert (across), pairs i < j.
+
+    ``deltas`` and ``other`` are [N, |θ(e)|] slices of experts e and e+1 (the same
+    layout), ``base`` and ``base_other`` their starting values. Returns, per space,
+    (same [pairs], across [pairs]): the Gram of all 2N rows, each row from its own
+    expert's start, read in two blocks.
+    """
+    n = len(deltas)
+    upper = np.triu_indices(n, k=1)
+    rows = np.concatenate([deltas, other])
+    starts = np.concatenate([np.broadcast_to(base, deltas.shape), np.broadcast_to(base_other, other.shape)])
+    out = {}
+    for space, gram in (("factors", sa.slice_gram(rows)), ("function", fs.function_gram(rows, starts, factors))):
+        d = sa.direction_consensus(gram)
+        out[space] = (d[:n, :n][upper], d[:n, n:][upper])
+    return out
+
+
+def alignment_signals(
+    updates: list[ClientUpdate], layout: PayloadLayout, payload: np.ndarray, *, beta: float = 1.0
+) -> dict[str, float]:
     """One row of signal statistics over every (layer, expert) slice of one round's updates.
 
     Pairs are i < j. σ counts only pairs where both clients routed tokens to
-    the expert(s) compared; D counts every pair.
+    the expert(s) compared; D counts every pair. ``payload`` is the global
+    payload the updates started from (function-space D reads the factors' start).
     """
     n = np.array([u.n_examples for u in updates], dtype=np.float64)
     upper = np.triu_indices(len(updates), k=1)
-    same, across, consensus = [], [], []
+    same, across = [], []
+    consensus: dict[str, list[np.ndarray]] = {f"{space}_{which}": [] for space in ("factors", "function")
+                                              for which in ("same", "across")}
     excluded = counted_pairs = 0
     for layer, expert in layout.expert_keys():
         stats = [u.routing[layer] for u in updates]
@@ -71,8 +102,13 @@ def alignment_signals(updates: list[ClientUpdate], layout: PayloadLayout, *, bet
         both = (counts[:, None] > 0) & (counts_other[None, :] > 0)
         across.append(cross[upper][both[upper]])
         a, b = layout.expert_span(layer, expert)
-        d = sa.direction_consensus(sa.slice_gram(np.stack([u.delta[a:b] for u in updates])))
-        consensus.append(d[upper])
+        c, d = layout.expert_span(layer, other)
+        pairs = consensus_pairs(np.stack([u.delta[a:b] for u in updates]), np.stack([u.delta[c:d] for u in updates]),
+                                payload[a:b], payload[c:d],
+                                fs.expert_factors(layout.select(role="expert", layer=layer, expert=expert)))
+        for space, (d_same, d_across) in pairs.items():
+            consensus[f"{space}_same"].append(d_same)
+            consensus[f"{space}_across"].append(d_across)
     omega_entropy = []
     for layer in range(layout.num_layers):
         stats = [u.routing[layer] for u in updates]
@@ -80,7 +116,8 @@ def alignment_signals(updates: list[ClientUpdate], layout: PayloadLayout, *, bet
         o = ra.overlap(p_bar, ra.uniform_routing(1, p_bar.shape[1])[0])
         s = ra.consistency_scores(o, np.stack([st.margin for st in stats]))
         omega_entropy.append(ra.weight_entropy(ra.consistency_weights(s, n)))
-    sigma_same, sigma_across, d = np.concatenate(same), np.concatenate(across), np.concatenate(consensus)
+    sigma_same, sigma_across = np.concatenate(same), np.concatenate(across)
+    d = {key: np.concatenate(values) for key, values in consensus.items()}
     share = n / n.sum()
     return {
         "clients": float(len(updates)),
@@ -89,8 +126,12 @@ def alignment_signals(updates: list[ClientUpdate], layout: PayloadLayout, *, bet
         "sigma_across_mean": float(sigma_across.mean()),
         "sigma_across_p95": float(np.percentile(sigma_across, 95)),
         "excluded_pair_frac": excluded / counted_pairs if counted_pairs else 0.0,
-        "D_mean": float(d.mean()),
-        "D_negative_frac": float((d < 0).mean()),
+        **{f"D_{space}_{stat}": value for space in ("factors", "function") for stat, value in (
+            ("mean", float(d[f"{space}_same"].mean())),
+            ("negative_frac", float((d[f"{space}_same"] < 0).mean())),
+            ("across_mean", float(d[f"{space}_across"].mean())),
+            ("separation", float(d[f"{space}_same"].mean() - d[f"{space}_across"].mean())),
+        )},
         "omega_entropy": float(np.mean(omega_entropy)),
         "n_weight_entropy": float(-(share * np.log(share)).sum()),
         "log_N": float(np.log(len(updates))),
@@ -99,8 +140,11 @@ def alignment_signals(updates: list[ClientUpdate], layout: PayloadLayout, *, bet
 
 def round_updates(
     config: str, alpha: float, overrides: list[str], checkpoint: str | None
-) -> tuple[list[ClientUpdate], PayloadLayout]:
-    """Every client of the run trained in this process from the initial (or a checkpoint's) global payload."""
+) -> tuple[list[ClientUpdate], PayloadLayout, np.ndarray]:
+    """Every client of the run trained in this process from the initial (or a checkpoint's) global payload.
+
+    Returns the updates, the layout and that global payload.
+    """
     cfg = load_config(config, [f"data.alpha={alpha}", "progress=false", "train.routing_stats=after", *overrides])
     prepared = prepare(cfg)
     engine = engine_spec(cfg, prepared)()
@@ -116,7 +160,7 @@ def round_updates(
         update = engine.train(prepared.partitions[client], payload, instructions)
         if update is not None:
             updates.append(update)
-    return updates, engine.layout
+    return updates, engine.layout, payload
 
 
 def main() -> None:
@@ -131,16 +175,17 @@ def main() -> None:
     quiet_libraries()
     rows = []
     for alpha in args.alphas:
-        updates, layout = round_updates(args.config, alpha, args.overrides, args.checkpoint)
-        rows.append({"alpha": alpha, **alignment_signals(updates, layout, beta=args.beta)})
+        updates, layout, payload = round_updates(args.config, alpha, args.overrides, args.checkpoint)
+        rows.append({"alpha": alpha, **alignment_signals(updates, layout, payload, beta=args.beta)})
     table = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "alignment_signals.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("sigma_same: σ of one expert between two clients; sigma_across: expert e on one client vs e+1 on another "
-          "(different roles); excluded_pair_frac: counted pairs below τ; D: cosine of two clients' updates of one "
-          "expert; entropies in nats (log_N: all clients weigh the same)")
+          "(different roles); excluded_pair_frac: counted pairs below τ; D_<space>: cosine of two clients' updates of one "
+          "expert, on the LoRA factors or on the expert's effective weights; D_<space>_across: expert e on one client "
+          "vs e+1 on another; separation: mean same − mean across; entropies in nats (log_N: all clients weigh the same)")
 
 
 if __name__ == "__main__":

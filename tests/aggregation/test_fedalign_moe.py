@@ -532,6 +532,34 @@ class TestFailure:
         np.testing.assert_array_equal(with_d.payload[a1:b1], 0.0)
         np.testing.assert_allclose(without_d.payload[a1:b1], 0.25 * 1 + 0.75 * -3.0)
 
+    @pytest.mark.parametrize("expert_agg", ["global", "personalized"])
+    def test_function_space_consensus_merges_updates_whose_factor_deltas_disagree(self, expert_agg):
+        # Prepare: per expert a LoRA pair A [1, 2], B [2, 1]; start A = [3, 0], B = 0 (LoRA's init).
+        # Both clients move B by [0.1, 0]ᵀ and A by ±[0, 1]: the factor deltas' cosine is −0.99/1.01,
+        # the effective-weight changes ΔW_i = ΔB_i·(A + ΔA_i) have cosine 8/10.
+        specs = [EntrySpec("l0.gate.weight", "router", 0, None, (E, H))]
+        for e in range(E):
+            specs += [EntrySpec(f"l0.e{e}.lora_A.w", "expert", 0, e, (1, 2)),
+                      EntrySpec(f"l0.e{e}.lora_B.w", "expert", 0, e, (2, 1))]
+        layout = PayloadLayout.build(specs)
+        a, b = layout.expert_span(0, 1)
+        start = layout.zeros()
+        start[a : a + 2] = [3.0, 0.0]
+        d0, d1 = layout.zeros(), layout.zeros()
+        d0[a:b], d1[a:b] = [0.0, 1.0, 0.1, 0.0], [0.0, -1.0, 0.1, 0.0]
+        readers = [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])]
+
+        def merged(space: str) -> np.ndarray:
+            options = FedAlignOptions(consensus_space=space, expert_agg=expert_agg)
+            return _run(FedAlignMoE(layout, options), start, readers).payload[a:b]
+
+        # Execute
+        factors, function = merged("factors"), merged("function")
+
+        # Assert: in factor space D < 0 and the expert keeps its start; in function space π = [1, 3]/4 merges it
+        np.testing.assert_array_equal(factors, start[a:b])
+        np.testing.assert_allclose(function, start[a:b] + 0.25 * d0[a:b] + 0.75 * d1[a:b], rtol=1e-6)
+
     def test_personalized_needs_semantic_aggregation(self):
         # Execute / Assert
         with pytest.raises(ValidationError, match="expert_agg='personalized' needs semantic=true"):
