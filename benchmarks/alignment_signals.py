@@ -183,9 +183,10 @@ def main() -> None:
     table.to_csv(out / "alignment_signals.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("sigma_same: σ of one expert between two clients; sigma_across: expert e on one client vs e+1 on another "
-          "(different roles); excluded_pair_frac: counted pairs below τ; D_<space>: cosine of two clients' updates of one "
-          "expert, on the LoRA factors or on the expert's effective weights; D_<space>_across: expert e on one client "
-          "vs e+1 on another; separation: mean same − mean across; entropies in nats (log_N: all clients weigh the same)")
+          "(different roles); excluded_pair_frac: counted pairs below τ; D_<space>: cosine of two clients' updates "
+          "of one expert, on the LoRA factors or on the expert's effective weights; D_<space>_across: expert e on "
+          "one client vs e+1 on another; separation: mean same − mean across; entropies in nats (log_N: all "
+          "clients weigh the same)")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def cost_table(shape: str, sizes: list[int], repeats: int) -> pd.DataFrame:
         rows.append({
             "shape": shape, "clients": n, "experts": len(keys), "adapted_matrices": len(factors.pairs),
             "slice_cohort_mib": deltas.nbytes / 2**20,
-            "factors_ms": 1e3 * factor_s, "function_ms": 1e3 * function_s, "function_over_factors": function_s / factor_s,
+            "factors_ms": 1e3 * factor_s, "function_ms": 1e3 * function_s,
+            "function_over_factors": function_s / factor_s,
             "factors_round_s": factor_s * len(keys), "function_round_s": function_s * len(keys),
             "factors_extra_mib": factor_mib, "function_extra_mib": function_mib,
         })

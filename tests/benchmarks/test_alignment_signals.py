@@ -66,7 +66,8 @@ def test_lora_experts_whose_factor_deltas_disagree_agree_in_function_space():
     # [0.1, 0]ᵀ, and A by +[0, 1] (clients 0-2) or −[0, 1] (3-4)
     specs = [EntrySpec("gate.weight", "router", 0, None, (E, 2))]
     for e in range(E):
-        specs += [EntrySpec(f"e{e}.lora_A.w", "expert", 0, e, (1, 2)), EntrySpec(f"e{e}.lora_B.w", "expert", 0, e, (2, 1))]
+        specs += [EntrySpec(f"e{e}.lora_A.w", "expert", 0, e, (1, 2)),
+                  EntrySpec(f"e{e}.lora_B.w", "expert", 0, e, (2, 1))]
     layout = PayloadLayout.build(specs)
     payload = layout.zeros()
     for e in range(E):
