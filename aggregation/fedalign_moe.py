@@ -246,8 +246,9 @@ class FedAlignMoE(Strategy):
         ``client_weights`` is each client's π_i(e) averaged over the experts that
         were merged (its n-share when none was); ``report`` holds n_aggregated,
         the mean entropy of ω and the total-variation shift of p_g (Module 1), and
-        the fraction of counted pairs excluded by the σ gate and of experts that
-        kept their value (Module 2). The round's readers are released: a second
+        the fraction of counted pairs excluded by the σ gate, of experts that
+        kept their value, and D's mean and share below 0 over every pair i < j of
+        every expert (Module 2). The round's readers are released: a second
         ``finish`` needs a new ``begin``.
         """
         if self._global is None:
@@ -327,6 +328,8 @@ class FedAlignMoE(Strategy):
         opts = self.options
         pi_sum = np.zeros(len(n))
         merged = kept = excluded = counted_pairs = 0
+        consensus_sum, consensus_negative, consensus_pairs = 0.0, 0, 0
+        upper = np.triu_indices(len(n), k=1)
         if self.personal is not None:
             block = self.personal.start
             # called from finish, after its check that begin() set _global
@@ -357,6 +360,11 @@ class FedAlignMoE(Strategy):
                         consensus = sa.direction_consensus(gram)
                     else:
                         consensus = sa.direction_consensus(sa.slice_gram(deltas))
+                    if opts.direction_consensus:
+                        pairs_d = consensus[upper]
+                        consensus_sum += float(pairs_d.sum())
+                        consensus_negative += int((pairs_d < 0).sum())
+                        consensus_pairs += pairs_d.size
                     gamma = sa.gated_consensus(gates[k], consensus)
                     pi = sa.client_weights(gamma, n)
                     if self.personal is not None:
@@ -377,6 +385,9 @@ class FedAlignMoE(Strategy):
         if opts.semantic and self.layout.expert_keys():
             report["excluded_pair_frac"] = excluded / counted_pairs if counted_pairs else 0.0
             report["experts_kept_frac"] = kept / len(self.layout.expert_keys())
+        if consensus_pairs:
+            report["consensus_mean"] = consensus_sum / consensus_pairs
+            report["consensus_negative_frac"] = consensus_negative / consensus_pairs
         return pi_sum, merged, report
 
     def _expert_batches(self, num_clients: int, cohort: Sequence[RoutingStats]) -> Iterator[tuple[int, list[int]]]:

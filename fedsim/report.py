@@ -147,17 +147,42 @@ def _client_weights(clients: pd.DataFrame, out: Path) -> Path | None:
     return _save(fig, out / "client_weights.png")
 
 
-def _strategy(rounds: pd.DataFrame, out: Path) -> Path | None:
-    columns = [c for c in ("omega_entropy", "p_g_shift_tv", "excluded_pair_frac", "experts_kept_frac") if c in rounds]
-    if not columns:
+# FedAlign-MoE's per-round diagnostics (its strategy report's columns), by module
+ROUTING_DIAGNOSTICS = {"omega_entropy": "ω entropy (nats)", "p_g_shift_tv": "p_g shift (total variation)"}
+EXPERT_DIAGNOSTICS = {"excluded_pair_frac": "pairs excluded by the σ gate", "experts_kept_frac": "experts kept",
+                      "consensus_mean": "D mean", "consensus_negative_frac": "share of pairs with D < 0"}
+
+
+def strategy_figure(rounds: pd.DataFrame) -> Figure | None:
+    """FedAlign-MoE's diagnostics on one figure: Module 1 (routing weights) left, Module 2 (expert gating) right.
+
+    None when the run has none of them (another strategy).
+    """
+    routing = [c for c in ROUTING_DIAGNOSTICS if c in rounds]
+    experts = [c for c in EXPERT_DIAGNOSTICS if c in rounds]
+    if not routing and not experts:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for c in columns:
-        ax.plot(rounds["round"], rounds[c], marker=".", label=c)
-    ax.set(xlabel="round", title="FedAlign-MoE: routing weights and expert gating per round")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, out / "fedalign.png")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for c in routing:
+        left.plot(rounds["round"], rounds[c], marker=".", label=ROUTING_DIAGNOSTICS[c])
+    if "omega_entropy" in routing and "n_aggregated" in rounds:  # ω's entropy when every client weighs the same
+        left.plot(rounds["round"], np.log(rounds["n_aggregated"].clip(lower=1)), color="grey", linestyle=":",
+                  label="log N (uniform ω)")
+    left.set(xlabel="round", title="Module 1: routing-consistency weights")
+    for c in experts:
+        right.plot(rounds["round"], rounds[c], marker=".", label=EXPERT_DIAGNOSTICS[c])
+    right.axhline(0.0, color="grey", linewidth=0.8)
+    right.set(xlabel="round", title="Module 2: expert gating and direction consensus D")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _strategy(rounds: pd.DataFrame, out: Path) -> Path | None:
+    fig = strategy_figure(rounds)
+    return None if fig is None else _save(fig, out / "fedalign.png")
 
 
 def _failures(rounds: pd.DataFrame, out: Path) -> Path:

@@ -201,6 +201,8 @@ class TestFinish:
         np.testing.assert_allclose(result.payload[:3], 2.0, rtol=1e-6)
         assert result.report["excluded_pair_frac"] == pytest.approx(4 / 20)
         assert result.report["experts_kept_frac"] == 0.0
+        assert result.report["consensus_mean"] == pytest.approx(1.0)  # every delta along +1: D = 1 for all pairs
+        assert result.report["consensus_negative_frac"] == 0.0
         assert result.client_weights == pytest.approx({0: 0.225, 1: 0.225, 2: 0.225, 3: 0.225, 4: 0.1})
 
     def test_router_rows_follow_each_clients_consistency_score(self):
@@ -528,8 +530,12 @@ class TestFailure:
         with_d = _run(FedAlignMoE(layout), layout.zeros(), readers)
         without_d = _run(FedAlignMoE(layout, FedAlignOptions(direction_consensus=False)), layout.zeros(), readers)
 
-        # Assert: with D the expert keeps its value; without, π = n-share [1, 3]/4 merges it
+        # Assert: with D the expert keeps its value; without, π = n-share [1, 3]/4 merges it. D over the
+        # experts' pairs: expert 0's updates are both zero (D = 0), expert 1's opposite (D = −1); none without D
         np.testing.assert_array_equal(with_d.payload[a1:b1], 0.0)
+        assert with_d.report["consensus_mean"] == pytest.approx(-0.5)
+        assert with_d.report["consensus_negative_frac"] == 0.5
+        assert "consensus_mean" not in without_d.report
         np.testing.assert_allclose(without_d.payload[a1:b1], 0.25 * 1 + 0.75 * -3.0)
 
     @pytest.mark.parametrize("expert_agg", ["global", "personalized"])

@@ -113,6 +113,7 @@ def test_run_fedalign_moe_two_rounds(ray_session, tiny_config, tmp_path: Path) -
     rounds = result.rounds
     assert list(rounds["round"]) == [1, 2] and rounds["test_accuracy"].between(0, 1).all()
     assert rounds["omega_entropy"].notna().all() and rounds["excluded_pair_frac"].between(0, 1).all()
+    assert rounds["consensus_mean"].between(-1, 1).all() and rounds["consensus_negative_frac"].between(0, 1).all()
     weights = result.clients.groupby("round")["weight"].sum()
     assert np.allclose(weights.to_numpy(), 1.0)
 
