@@ -59,6 +59,8 @@ SETTINGS: dict[str, list[str]] = {
     "align_om_alpha": [_LADDER, "strategy.fedalign.semantic=false", "train.routing_stats=after"],
     "fedalign_moe": [_LADDER, "train.routing_stats=after"],
     "fedalign_no_d": [_LADDER, "strategy.fedalign.direction_consensus=false", "train.routing_stats=after"],
+    "fedalign_function": [_LADDER, "strategy.fedalign.consensus_space=function", "train.routing_stats=after"],
+    "fedalign_soft": [_LADDER, "strategy.fedalign.gate=soft", "train.routing_stats=after"],
 }
 LABELS = {
     "fedavg": "FedAvg", "fedprox": "FedProx", "fedmoe": "FedMoE-style", "pfl_moe": "PFL-MoE-style",
@@ -66,6 +68,8 @@ LABELS = {
     "align_m": "+ consistency weights, m only", "align_om": "+ consistency weights, o·m",
     "align_om_alpha": "+ adaptive α", "fedalign_moe": "+ semantic aggregation (FedAlign-MoE)",
     "fedalign_no_d": "FedAlign-MoE, γ without the direction consensus D",
+    "fedalign_function": "FedAlign-MoE, D on the experts' effective weights",
+    "fedalign_soft": "FedAlign-MoE, soft σ gate",
 }
 
 
@@ -96,15 +100,20 @@ def read_back(setting: str, alpha: float, seed: int, runs: Path) -> pd.DataFrame
     return pd.read_parquet(done[0] / "rounds.parquet") if done else None
 
 
-def summarise(curves: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds of final accuracy, rounds 1–10 accuracy and rounds to 90 % of the best final."""
-    per_run = curves.groupby(["alpha", "setting", "seed"]).apply(
+def per_run_scores(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per (α, setting, seed): final (mean accuracy of the last 5 rounds) and early (rounds 1–10)."""
+    return curves.groupby(["alpha", "setting", "seed"]).apply(
         lambda r: pd.Series({
             "final": r.sort_values("round")["test_accuracy"].tail(5).mean(),
             "early": r[r["round"] <= 10]["test_accuracy"].mean(),
         }),
         include_groups=False,
     ).reset_index()
+
+
+def summarise(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds of final accuracy, rounds 1–10 accuracy and rounds to 90 % of the best final."""
+    per_run = per_run_scores(curves)
     target = per_run.groupby(["alpha", "setting"])["final"].mean().groupby("alpha").max() * 0.9
 
     def rounds_to_target(r: pd.DataFrame) -> float:
@@ -120,13 +129,13 @@ def summarise(curves: pd.DataFrame) -> pd.DataFrame:
         rounds_to_90_mean=("rounds_to_90", "mean"), reached=("rounds_to_90", "count"),
     ).reset_index()
     table["target_90"] = table["alpha"].map(target)
-    table = table.merge(_paired_with_fedavg(per_run), on=["alpha", "setting"], how="left")
+    table = table.merge(paired_with_fedavg(per_run), on=["alpha", "setting"], how="left")
     order = {s: i for i, s in enumerate(SETTINGS)}
     table["label"] = table["setting"].map(LABELS)
     return table.sort_values(["alpha", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
 
 
-def _paired_with_fedavg(per_run: pd.DataFrame) -> pd.DataFrame:
+def paired_with_fedavg(per_run: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds of (setting − FedAvg of the same seed and α), per α and setting.
 
     A seed's split and client draws are shared by every setting, so the paired difference is steadier than the
@@ -166,7 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds, from --first-seed on")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--quick", action="store_true", help="1 seed, α = 0.1, 3 rounds, FedAvg and FedAlign-MoE")
     parser.add_argument("--report-only", action="store_true",
@@ -181,7 +191,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = []
-    grid = [(alpha, seed, setting) for alpha in args.alphas for seed in range(args.seeds) for setting in args.settings]
+    grid = [(alpha, seed, setting) for alpha in args.alphas
+            for seed in range(args.first_seed, args.first_seed + args.seeds) for setting in args.settings]
     if args.report_only:
         for alpha, seed, setting in grid:
             rounds = read_back(setting, alpha, seed, out / "runs")
