@@ -177,10 +177,14 @@ def main() -> None:
     if args.object_store_gib is None and olmoe:
         args.object_store_gib = 1.0 if args.quick else 4.0
     quiet_libraries()
-    with tempfile.TemporaryDirectory(prefix="fedsim-scale-") as work:
-        table = pd.concat([run_one(args, Path(work), s) for s in args.strategies.split(",")], ignore_index=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    table.to_csv(Path(args.out) / f"scale_{args.shape}{'_quick' if args.quick else ''}.csv", index=False)
+    csv = Path(args.out) / f"scale_{args.shape}{'_quick' if args.quick else ''}.csv"
+    tables: list[pd.DataFrame] = []
+    with tempfile.TemporaryDirectory(prefix="fedsim-scale-") as work:
+        for strategy in args.strategies.split(","):
+            tables.append(run_one(args, Path(work), strategy))
+            table = pd.concat(tables, ignore_index=True)
+            table.to_csv(csv, index=False)  # after each strategy: a later one's failure keeps what was measured
     print(f"{args.shape}: {args.clients} clients, {args.per_round} per round, {args.rounds} rounds, 2 workers")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for strategy, rows in table.groupby("strategy", sort=False):
