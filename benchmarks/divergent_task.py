@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+from aggregation.errors import DataError  # noqa: E402
 from benchmarks.paper_ablation import paired_with_fedavg, per_run_scores, run_once  # noqa: E402
 from fedsim.quiet import quiet_libraries  # noqa: E402
 
@@ -50,7 +51,7 @@ SEEDS = (0, 1, 2)
 
 def pick(probe: pd.DataFrame) -> str:
     """The split with the greatest mean routing TV among those that still train (``TRAINS``)."""
-    training = probe[probe["accuracy_round5"] >= TRAINS]
+    training = probe[probe["accuracy_round5"] >= TRAINS]  # a split that cannot be made has NaN: left out
     if training.empty:
         raise SystemExit(f"no split reaches {TRAINS} test accuracy in {PROBE_ROUNDS} FedAvg rounds")
     return str(training.loc[training["routing_tv_mean"].idxmax(), "split"])
@@ -91,8 +92,12 @@ def main() -> None:
         if args.stage == "probe":
             rows = []
             for split, (alpha, extra) in SPLITS.items():
-                rounds = run_once(args.config, "fedavg", alpha, 0, [*extra, f"rounds={PROBE_ROUNDS}", *args.overrides],
-                                  out / "runs" / f"probe-{split}")
+                try:
+                    overrides = [*extra, f"rounds={PROBE_ROUNDS}", *args.overrides]
+                    rounds = run_once(args.config, "fedavg", alpha, 0, overrides, out / "runs" / f"probe-{split}")
+                except DataError as exc:  # e.g. a Dirichlet draw that leaves a client without examples
+                    rows.append({"split": split, "cannot_be_made": str(exc)})
+                    continue
                 rows.append(probe_row(split, rounds))
             probe = pd.DataFrame(rows)
             picked = pick(probe)

@@ -16,8 +16,10 @@ def test_the_most_divergent_split_that_still_trains_is_picked():
         {"split": "natural-by-corpus", "routing_tv_round1": 0.20, "routing_tv_mean": 0.18, "accuracy_round5": 0.45},
     ])
 
-    # Execute / Assert
-    assert pick(probe) == "natural-by-corpus"
+    unmade = pd.DataFrame([{"split": "dirichlet-0.01", "cannot_be_made": "client 1 has 0 examples"}])
+
+    # Execute / Assert: a split that could not be made is never picked
+    assert pick(pd.concat([probe, unmade], ignore_index=True)) == "natural-by-corpus"
     with pytest.raises(SystemExit, match="no split reaches"):
         pick(probe.assign(accuracy_round5=0.3))
 
