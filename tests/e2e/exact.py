@@ -1,7 +1,8 @@
 """Two run directories compared exactly: every table on disk, and the final global payload byte for byte.
 
 Only what is measured, not computed, is left out: wall-clock timings (``wall_s``, ``train_wall_s``,
-``eval_wall_s``, ``compute_s``, ``compute_s_sum``, ``overhead_ratio``, ``alltoall_s``, ``stats_s``) and memory (every
+``eval_wall_s``, ``compute_s``, ``compute_s_sum``, ``overhead_ratio``, ``alltoall_s``, ``stats_s``, the aggregator's
+``aggregator_<phase>_s``) and memory (every
 ``*_mib`` column: ``*_rss_mib``, ``*_uss_mib``, ``gpu_peak_mib``). The simulated clock (``sim_*``) stays in:
 it derives from measured compute time unless ``system.seconds_per_example`` fixes it, which ``EXACT`` does.
 """
@@ -22,6 +23,7 @@ EXACT = ("system.seconds_per_example=0.01",)
 def measured(column: str) -> bool:
     """Whether ``column`` is a wall-clock timing or a memory reading (it differs between identical runs)."""
     return (column.endswith(("wall_s", "_mib")) or column.startswith("compute_s")
+            or (column.startswith("aggregator_") and column.endswith("_s"))
             or column in ("overhead_ratio", "alltoall_s", "stats_s"))
 
 
