@@ -26,6 +26,7 @@ import numpy as np
 
 from aggregation.errors import LayoutMismatch
 from aggregation.payload import LayoutEntry
+from aggregation.semantic_alignment import slice_gram
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,6 @@ def expert_factors(entries: Sequence[LayoutEntry]) -> ExpertFactors:
     return ExpertFactors(tuple(pairs), plain)
 
 
-def _row_gram(rows: np.ndarray) -> np.ndarray:
-    """``rows @ rows.T`` in the rows' precision (float32: BLAS's syrk), returned as float64."""
-    x = np.ascontiguousarray(rows)
-    gram: np.ndarray = (x @ x.T).astype(np.float64)
-    return gram
-
-
 def _pair_gram_shared_base(a0: np.ndarray, b0: np.ndarray, da: np.ndarray, db: np.ndarray) -> np.ndarray:
     """⟨ΔW_i, ΔW_j⟩ of one adapted matrix when every client started from the same A, B.
 
@@ -99,8 +93,8 @@ def _pair_gram_shared_base(a0: np.ndarray, b0: np.ndarray, da: np.ndarray, db: n
     over d_out: O(N²·r²·(d_in + d_out)), r times the factor-space Gram.
     """
     n, r = da.shape[0], da.shape[1]
-    aa = _row_gram(da.reshape(n * r, -1)).reshape(n, r, n, r)  # ⟨ΔA_i[p], ΔA_j[q]⟩
-    bb = _row_gram(db.transpose(0, 2, 1).reshape(n * r, -1)).reshape(n, r, n, r)  # ⟨ΔB_i[:, p], ΔB_j[:, q]⟩
+    aa = slice_gram(da.reshape(n * r, -1)).reshape(n, r, n, r)  # ⟨ΔA_i[p], ΔA_j[q]⟩
+    bb = slice_gram(db.transpose(0, 2, 1).reshape(n * r, -1)).reshape(n, r, n, r)  # ⟨ΔB_i[:, p], ΔB_j[:, q]⟩
     a0 = a0.astype(np.float64)
     b0 = b0.astype(np.float64)
     m = da.astype(np.float64) @ a0.T  # [N, r, r]: ΔA_i·Aᵀ
@@ -126,7 +120,7 @@ def _pair_gram_own_base(a0: np.ndarray, b0: np.ndarray, da: np.ndarray, db: np.n
     n, r = da.shape[0], da.shape[1]
     u = np.concatenate([db, b0 + db], axis=2).transpose(0, 2, 1).reshape(n * 2 * r, -1)  # rows: U_i's columns
     v = np.concatenate([a0, da], axis=1).reshape(n * 2 * r, -1)  # rows: V_i's rows
-    both = (_row_gram(u) * _row_gram(v)).reshape(n, 2 * r, n, 2 * r)
+    both = (slice_gram(u) * slice_gram(v)).reshape(n, 2 * r, n, 2 * r)
     gram: np.ndarray = both.sum(axis=(1, 3))
     return gram
 
@@ -166,5 +160,5 @@ def function_gram(deltas: np.ndarray, base: np.ndarray, factors: ExpertFactors) 
             gram += _pair_gram_own_base(b[:, p.a[0] : p.a[1]].reshape(n, p.rank, p.d_in),
                                         b[:, p.b[0] : p.b[1]].reshape(n, p.d_out, p.rank), da, db)
     for lo, hi in factors.plain:
-        gram += _row_gram(x[:, lo:hi])
+        gram += slice_gram(np.ascontiguousarray(x[:, lo:hi]))  # one block: BLAS's syrk
     return gram

@@ -102,9 +102,9 @@ def alignment_signals(
         both = (counts[:, None] > 0) & (counts_other[None, :] > 0)
         across.append(cross[upper][both[upper]])
         a, b = layout.expert_span(layer, expert)
-        c, d = layout.expert_span(layer, other)
-        pairs = consensus_pairs(np.stack([u.delta[a:b] for u in updates]), np.stack([u.delta[c:d] for u in updates]),
-                                payload[a:b], payload[c:d],
+        lo, hi = layout.expert_span(layer, other)
+        pairs = consensus_pairs(np.stack([u.delta[a:b] for u in updates]), np.stack([u.delta[lo:hi] for u in updates]),
+                                payload[a:b], payload[lo:hi],
                                 fs.expert_factors(layout.select(role="expert", layer=layer, expert=expert)))
         for space, (d_same, d_across) in pairs.items():
             consensus[f"{space}_same"].append(d_same)

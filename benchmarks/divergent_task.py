@@ -29,12 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.paper_ablation's runs
 
 import pandas as pd  # noqa: E402
-import ray  # noqa: E402
 
-from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
 from aggregation.errors import DataError  # noqa: E402
-from benchmarks.paper_ablation import paired_with_fedavg, per_run_scores, run_once  # noqa: E402
-from fedsim.quiet import quiet_libraries  # noqa: E402
+from benchmarks.held_out import DEFAULT_OUT as HELD_OUT  # noqa: E402
+from benchmarks.paper_ablation import (  # noqa: E402
+    embedded_ray,
+    paired_with_fedavg,
+    per_run_scores,
+    run_once,
+    stage_arguments,
+)
 
 # split → (Dirichlet α for run_once's key and data.alpha, further overrides)
 SPLITS: dict[str, tuple[float, list[str]]] = {
@@ -77,44 +81,40 @@ def compare_table(curves: pd.DataFrame) -> pd.DataFrame:
     return table.merge(paired, on="setting", how="left")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["probe", "compare"], required=True)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--out", default="benchmarks/results/divergent_task")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. model.pretrain.steps=3000")
-    args = parser.parse_args()
-    quiet_libraries()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
-    try:
-        if args.stage == "probe":
-            rows = []
-            for split, (alpha, extra) in SPLITS.items():
-                try:
-                    overrides = [*extra, f"rounds={PROBE_ROUNDS}", *args.overrides]
-                    rounds = run_once(args.config, "fedavg", alpha, 0, overrides, out / "runs" / f"probe-{split}")
-                except DataError as exc:  # e.g. a Dirichlet draw that leaves a client without examples
-                    rows.append({"split": split, "cannot_be_made": str(exc)})
-                    continue
-                rows.append(probe_row(split, rounds))
-            probe = pd.DataFrame(rows)
-            picked = pick(probe)
-            probe.to_csv(out / "probe.csv", index=False)
-            (out / "picked.json").write_text(json.dumps({"split": picked, "overrides": args.overrides}))
-            print(probe.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-            print(f"picked: {picked} (greatest mean routing TV among splits at ≥ {TRAINS} accuracy by round "
-                  f"{PROBE_ROUNDS})")
-            return
-        picked_file = out / "picked.json"
-        if not picked_file.exists():
-            raise SystemExit(f"{picked_file}: no split picked yet; run --stage probe first")
-        split = json.loads(picked_file.read_text())["split"]
-        choice = Path("benchmarks/results/held_out/choice.json")
-        fedalign = json.loads(choice.read_text())["chosen"] if choice.exists() else "fedalign_moe"
-        alpha, extra = SPLITS[split]
-        curves = []
+def probe(args: argparse.Namespace, out: Path) -> None:
+    """Every candidate split's divergence and accuracy, and the split the rule picks (``picked.json``)."""
+    rows = []
+    with embedded_ray():
+        for split, (alpha, extra) in SPLITS.items():
+            try:
+                overrides = [*extra, f"rounds={PROBE_ROUNDS}", *args.overrides]
+                rounds = run_once(args.config, "fedavg", alpha, 0, overrides, out / "runs" / f"probe-{split}")
+            except DataError as exc:  # e.g. a Dirichlet draw that leaves a client without examples
+                rows.append({"split": split, "cannot_be_made": str(exc)})
+                continue
+            rows.append(probe_row(split, rounds))
+    table = pd.DataFrame(rows)
+    picked = pick(table)
+    table.to_csv(out / "probe.csv", index=False)
+    (out / "picked.json").write_text(json.dumps({"split": picked, "overrides": args.overrides}))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"picked: {picked} (greatest mean routing TV among splits at ≥ {TRAINS} accuracy by round {PROBE_ROUNDS})")
+
+
+def compare(args: argparse.Namespace, out: Path) -> None:
+    """FedAvg, FedProx and FedAlign-MoE on the picked split over ``SEEDS``: ``compare_<split>.csv``.
+
+    The picked split and the γ variant are read before Ray starts, so a missing probe fails at once.
+    """
+    picked_file = out / "picked.json"
+    if not picked_file.exists():
+        raise SystemExit(f"{picked_file}: no split picked yet; run --stage probe first")
+    split = json.loads(picked_file.read_text())["split"]
+    choice = Path(HELD_OUT) / "choice.json"
+    fedalign = json.loads(choice.read_text())["chosen"] if choice.exists() else "fedalign_moe"
+    alpha, extra = SPLITS[split]
+    curves = []
+    with embedded_ray():
         for seed in SEEDS:
             for setting in ("fedavg", "fedprox", fedalign):
                 rounds = run_once(args.config, setting, alpha, seed, [*extra, *args.overrides], out / "runs" / split)
@@ -122,12 +122,15 @@ def main() -> None:
                                                                                       setting=setting))
                 print(f"{split} seed={seed} {setting}: final-round accuracy {rounds['test_accuracy'].iloc[-1]:.3f}",
                       flush=True)
-    finally:
-        ray.shutdown()
     table = compare_table(pd.concat(curves, ignore_index=True))
     table.to_csv(out / f"compare_{split}.csv", index=False)
     print(f"split: {split}; FedAlign-MoE variant: {fedalign}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def main() -> None:
+    args = stage_arguments(__doc__.splitlines()[0], ["probe", "compare"], "benchmarks/results/divergent_task")
+    (probe if args.stage == "probe" else compare)(args, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ with other overrides than it chose with.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -39,17 +38,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.paper_ablation's runs
 
 import pandas as pd  # noqa: E402
-import ray  # noqa: E402
 
-from actors import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
-from benchmarks.paper_ablation import paired_with_fedavg, per_run_scores, run_once  # noqa: E402
-from fedsim.quiet import quiet_libraries  # noqa: E402
+from benchmarks.paper_ablation import (  # noqa: E402
+    embedded_ray,
+    paired_with_fedavg,
+    per_run_scores,
+    run_once,
+    stage_arguments,
+)
 
 CANDIDATES = ("fedalign_moe", "fedalign_function", "fedalign_no_d", "fedalign_soft")
 ALPHAS = (0.1, 1.0)
 DEV_SEEDS = (0, 1, 2)
 HELD_OUT_SEEDS = (3, 4, 5)
 TIE = 0.005  # Δ final at α = 0.1 within this of the best: decided by Δ early
+DEFAULT_OUT = "benchmarks/results/held_out"  # its choice.json names the variant divergent_task.py runs
 
 
 def _fedavg_std(per_run: pd.DataFrame, alpha: float) -> float:
@@ -116,8 +119,7 @@ def _run_grid(
 ) -> pd.DataFrame:
     """Every (α, seed, setting) run (a completed one is read back), as per-run scores."""
     curves = []
-    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
-    try:
+    with embedded_ray():
         for alpha in ALPHAS:
             for seed in seeds:
                 for setting in settings:
@@ -125,21 +127,12 @@ def _run_grid(
                     curves.append(rounds[["round", "test_accuracy"]].assign(alpha=alpha, seed=seed, setting=setting))
                     print(f"α={alpha} seed={seed} {setting}: final-round accuracy "
                           f"{rounds['test_accuracy'].iloc[-1]:.3f}", flush=True)
-    finally:
-        ray.shutdown()
     return per_run_scores(pd.concat(curves, ignore_index=True))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["dev", "held-out"], required=True)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--out", default="benchmarks/results/held_out")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. model.pretrain.steps=3000")
-    args = parser.parse_args()
-    quiet_libraries()
+    args = stage_arguments(__doc__.splitlines()[0], ["dev", "held-out"], DEFAULT_OUT)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     choice_file = out / "choice.json"
     pd.set_option("display.width", 200)
     if args.stage == "dev":

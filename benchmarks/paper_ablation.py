@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedsim import environment  # noqa: E402
@@ -90,6 +92,32 @@ def run_once(config: str, setting: str, alpha: float, seed: int, extra: list[str
     if out.exists():
         raise SystemExit(f"{out}: an unfinished run without a checkpoint; remove it to run it again")
     return run(cfg, out=out).rounds
+
+
+@contextmanager
+def embedded_ray() -> Iterator[None]:
+    """An embedded local Ray for a grid of runs, shut down however the grid ends."""
+    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def stage_arguments(description: str, stages: list[str], out: str) -> argparse.Namespace:
+    """The command line of a staged script built on these runs (``held_out.py``, ``divergent_task.py``).
+
+    ``--stage``, ``--config``, ``--out`` (created) and config overrides for every run; libraries quieted.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stage", choices=stages, required=True)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. model.pretrain.steps=3000")
+    args = parser.parse_args()
+    quiet_libraries()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def read_back(setting: str, alpha: float, seed: int, runs: Path) -> pd.DataFrame | None:
@@ -201,14 +229,11 @@ def main() -> None:
         if not curves:
             raise SystemExit(f"{out / 'runs'}: no completed run of the requested grid")
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
-        try:
+        with embedded_ray():
             for alpha, seed, setting in grid:
                 rounds = run_once(args.config, setting, alpha, seed, args.overrides, out / "runs")
                 curves.append(rounds[["round", "test_accuracy"]].assign(alpha=alpha, seed=seed, setting=setting))
                 print(f"α={alpha} seed={seed} {setting}: last acc {rounds['test_accuracy'].iloc[-1]:.3f}", flush=True)
-        finally:
-            ray.shutdown()
     all_curves = pd.concat(curves, ignore_index=True)
     alphas = sorted(all_curves["alpha"].unique())
     all_curves.to_csv(out / "paper_ablation_curves.csv", index=False)

@@ -48,3 +48,19 @@ def test_the_comparison_pairs_each_strategy_with_fedavg_by_seed_and_keeps_routin
     assert table.loc["fedprox", "early_vs_fedavg"] == pytest.approx(0.02)
     assert table.loc["fedavg", "final_mean"] == pytest.approx(0.55) and table.loc["fedprox", "seeds"] == 2
     assert table.loc["fedprox", "routing_tv"] == pytest.approx(0.3)
+
+
+def test_compare_before_a_probe_fails_in_one_line_before_ray_starts(tmp_path, monkeypatch):
+    # Prepare
+    import sys
+
+    import ray
+
+    from benchmarks import divergent_task
+
+    monkeypatch.setattr(sys, "argv", ["divergent_task.py", "--stage", "compare", "--out", str(tmp_path)])
+
+    # Execute / Assert: a one-line reason as the exit status (non-zero), and no Ray was started for it
+    with pytest.raises(SystemExit, match="no split picked yet; run --stage probe first") as exit_info:
+        divergent_task.main()
+    assert isinstance(exit_info.value.code, str) and not ray.is_initialized()
