@@ -91,6 +91,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "unknown family": (_run("model.family=gpt2"), "model.family"),
     "missing data file": (_run("data.source=missing/file.json"), "missing/file.json"),
     "unknown strategy": (_run("strategy.name=fedbar"), "strategy.name"),
+    "unknown consensus space": (_run("strategy.fedalign.consensus_space=weights"),
+                                "strategy.fedalign.consensus_space: Input should be 'factors' or 'function'"),
     "negative seed": (_run("seed=-1"), "seed: Input should be greater than or equal to 0"),
     "bool rounds": (_run("rounds=true"), "rounds: expected a number, not true/false"),
     "inf lr": (_run("train.lr=.inf"), "train.lr:"),
