@@ -446,7 +446,7 @@ def memory_table(layout: PayloadLayout, hidden: int, sizes: list[int]) -> pd.Dat
     sample = synthetic_update(layout, hidden, 0)
     rows = []
     for n in sizes:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  _system_config=embedded_system_config(layout.nbytes, n))
         for name in ("fedavg", "fedalign_moe"):
             aggregator = Aggregator.remote(STRATEGIES[name], layout, measure_memory=True)

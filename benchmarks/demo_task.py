@@ -78,7 +78,7 @@ def main() -> None:
     rows = [{"setting": "central LoRA", "alpha": float("nan"), "seeds": 1, "final_acc_mean": central[-1],
              "final_acc_std": 0.0, "early_acc_mean": float("nan"), "routing_tv": float("nan")}]
     curves = []
-    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     try:
         for alpha in (1.0, 0.1):
             finals, early, tvs = [], [], []

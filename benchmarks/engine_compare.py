@@ -78,7 +78,8 @@ def main() -> None:
     shapes = ["tiny"] if args.quick else list(SHAPES)
     clients, repeats = ([0, 1], 1) if args.quick else ([0, 1, 2, 3], 2)
     work = Path(tempfile.mkdtemp(prefix="fedsim-engines-"))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             _system_config=EMBEDDED_SYSTEM_CONFIG)
     rows = []
     try:
         for shape in shapes:

@@ -97,7 +97,7 @@ def run_once(config: str, setting: str, alpha: float, seed: int, extra: list[str
 @contextmanager
 def embedded_ray() -> Iterator[None]:
     """An embedded local Ray for a grid of runs, shut down however the grid ends."""
-    ray.init(include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
     try:
         yield
     finally:

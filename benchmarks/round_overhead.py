@@ -51,7 +51,7 @@ def main() -> None:
                                  f"workers.num_workers={args.workers}", f"cache_dir={work / 'cache'}",
                                  f"eval.every={args.rounds}", *args.overrides])
         # a Ray per cohort size, configured as the driver configures its embedded Ray for this run
-        ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="WARNING",
                  _system_config=ray_system_config(cfg, prepare(cfg)))
         try:
             rounds = run(cfg, out=work / f"run{n}").rounds

@@ -144,7 +144,8 @@ def run_one(args: argparse.Namespace, work: Path, strategy: str) -> pd.DataFrame
     config, overrides = workload(args, work, strategy)
     cfg = load_config(config, overrides)
     store = {"object_store_memory": int(args.object_store_gib * 2**30)} if args.object_store_gib else {}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             _system_config=EMBEDDED_SYSTEM_CONFIG,
              **store)
     probe = MemoryProbe()
     try:

@@ -105,7 +105,8 @@ def main() -> None:
     base = ["progress=false", f"data.num_clients={2 * args.clients}", f"clients_per_round={args.clients}",
             "data.alpha=1.0", "system.profiles=random", "system.slow_fraction=0.3", "system.slow_factor=5",
             f"system.seconds_per_example={args.seconds_per_example}", "checkpoint.every=0", *args.overrides]
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             _system_config=EMBEDDED_SYSTEM_CONFIG)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         if "stragglers" in args.parts:

@@ -166,7 +166,7 @@ def flower_python() -> Path:
 
 def run_fedsim(cfg: RunConfig, out: Path, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The per-round table of fedsim (round wall, Σ client compute, clients, update bytes) and its per-client table."""
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="WARNING",
              _system_config=ray_system_config(cfg, prepare(cfg)))  # as the driver starts its embedded Ray
     try:
         result = run(cfg, out=out)
@@ -202,7 +202,8 @@ def run_ray_floor(
     instructions, aggregation or bookkeeping. Its overhead ratio is the floor for this workload.
     ``system_config``: the one fedsim's run had.
     """
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", _system_config=system_config)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="WARNING",
+             _system_config=system_config)
     try:
         actors = [BusyWorker.remote() for _ in range(workers)]
         ray.get([a.train.remote(0.0, 1) for a in actors])  # started and warm, as fedsim's workers are after round 1

@@ -33,7 +33,7 @@ def ray_session() -> Iterator[None]:
 
     # what the driver picks for the tests' runs (a few tiny updates a round): Ray's default inlining; the
     # shared-store-only limit runs in tests/e2e/test_multinode.py
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              _system_config=embedded_system_config(update_bytes=64 * 1024, clients_per_round=8))
     yield
     ray.shutdown()

@@ -33,18 +33,22 @@ config, out = sys.argv[1], sys.argv[2]
 metrics = ["round", "test_loss", "test_accuracy", "train_loss", "clients_completed", "bytes_up"]
 result = {}
 # a head without CPUs (driver and aggregator) and two 1-CPU worker nodes
+# Cluster writes /tmp/ray/ray_current_cluster; its shutdown removes it, even when a run fails
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": EMBEDDED_SYSTEM_CONFIG})
-for _ in range(2):
-    cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
-ray.init(address=cluster.address, logging_level="WARNING")
-for name, extra in (("torch", ["workers.placement=spread"]), ("deepspeed", ["engine.backend=deepspeed"])):
-    r = run(load_config(config, extra), out=f"{out}/multi-{name}")
-    nodes = pd.read_csv(r.run_dir / "placement.csv")["node_id"].nunique()
-    result[f"multi-{name}"] = {"nodes": int(nodes), "rounds": r.rounds[metrics].to_dict("list")}
-ray.shutdown()
-cluster.shutdown()
-ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _system_config=EMBEDDED_SYSTEM_CONFIG)
+try:
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    for name, extra in (("torch", ["workers.placement=spread"]), ("deepspeed", ["engine.backend=deepspeed"])):
+        r = run(load_config(config, extra), out=f"{out}/multi-{name}")
+        nodes = pd.read_csv(r.run_dir / "placement.csv")["node_id"].nunique()
+        result[f"multi-{name}"] = {"nodes": int(nodes), "rounds": r.rounds[metrics].to_dict("list")}
+    ray.shutdown()
+finally:
+    cluster.shutdown()
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+         _system_config=EMBEDDED_SYSTEM_CONFIG)
 r = run(load_config(config), out=f"{out}/single")
 result["single"] = {"nodes": 1, "rounds": r.rounds[metrics].to_dict("list")}
 ray.shutdown()
