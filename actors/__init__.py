@@ -3,7 +3,7 @@
 from typing import Any
 
 from actors.aggregator import Aggregator, RoundSummary, aggregator_options, reserved_cpus
-from actors.pool import WorkerPool, count_finished, gpu_total_bytes, resolve_num_workers, shard_by_work
+from actors.pool import WorkerPool, gpu_total_bytes, resolve_num_workers, shard_by_work
 from actors.worker import ClientWorker, Engine
 
 # Ray's max_direct_call_object_size: an object under it (100 KiB by default) is inlined into each process
@@ -49,7 +49,6 @@ __all__ = [
     "RoundSummary",
     "WorkerPool",
     "aggregator_options",
-    "count_finished",
     "embedded_system_config",
     "gpu_total_bytes",
     "reserved_cpus",

@@ -1,8 +1,12 @@
 """Aggregator: a Ray actor that runs a Strategy over updates as they complete.
 
-Updates arrive as object refs; the actor waits on them with ``ray.wait``
-(without prefetching the rest) and reads each one zero-copy from the object
-store, so the cohort is never gathered into driver or aggregator memory. Each
+Updates arrive as object refs, read zero-copy from the object store, so the
+cohort is never gathered into driver or aggregator memory. In a synchronous
+round the driver hands each ref over as its client finishes (``deliver_updates``)
+and keeps none: Ray keeps every ref passed in a call's arguments until the call
+returns, so a round's refs passed to ``aggregate`` itself would hold the whole
+cohort in the store (spilling it once it outgrows the store) until the round
+ends; delivered one by one, each update leaves the store once folded. Each
 arrival goes to the round's ``aggregation.round_fold.RoundFold``, which folds
 them into the strategy in cohort order (its reorder buffer holds refs-backed
 views, not copies): the result is bit-identical whatever the number of workers
@@ -15,9 +19,10 @@ start (``aggregation.sim_clock.SimulatedClock``), not with every round.
 from __future__ import annotations
 
 import math
+import queue
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +38,8 @@ from aggregation.round_fold import RoundFold, RoundSummary, simulated_duration
 from aggregation.sim_clock import OnTimeClock, SimulatedClock
 from aggregation.strategy import Strategy
 
-__all__ = ["Aggregator", "RoundSummary", "aggregator_options", "instruction_refs", "reserved_cpus"]
+__all__ = ["Aggregator", "RoundSummary", "aggregator_options", "deliver_updates", "instruction_refs",
+           "reserved_cpus"]
 
 # what ray.get raises for a client whose update will never come: the task failed, its worker died, the object is gone
 _LOST = (RayTaskError, RayActorError, ObjectLostError, ray.exceptions.RaySystemError)
@@ -64,6 +70,30 @@ def instruction_refs(
     return [refs] if len(client_ids) == 1 else list(refs)  # Ray gives one ref, not a list, for num_returns=1
 
 
+def deliver_updates(
+    aggregator: Any, round_idx: int, update_refs: list[ray.ObjectRef[ClientUpdate]],
+    progress: Callable[[int, int], None], poll_s: float = 0.25,
+) -> None:
+    """Hand each update to ``aggregator`` (running ``aggregate(round_idx, ..., len(update_refs))``) as it finishes.
+
+    Takes the refs over: ``update_refs`` is emptied and no ref is kept past its
+    delivery, so an update leaves the object store as soon as the aggregator has
+    folded it. ``progress(done, total)`` is called every ``poll_s`` seconds
+    and after the last update.
+    """
+    position = {ref: i for i, ref in enumerate(update_refs)}
+    pending, total = list(update_refs), len(update_refs)
+    update_refs.clear()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s, fetch_local=False)
+        while ready:
+            ref = ready.pop()
+            # in a list, so the aggregator gets the ref itself, not its value fetched into the call
+            aggregator.deliver.remote(round_idx, position.pop(ref), [ref])
+            del ref
+        progress(total - len(pending), total)
+
+
 def reserved_cpus(cpus: int) -> int:
     """CPUs Ray reserves for the Aggregator actor given ``workers.aggregator_cpus``: none for 1, else all of them.
 
@@ -89,7 +119,9 @@ def aggregator_options(cpus: int, env: Mapping[str, str]) -> dict[str, Any]:
     return {"num_cpus": reserved_cpus(cpus), "runtime_env": {"env_vars": dict(env)}}
 
 
-@ray.remote(num_cpus=0)
+# "mailbox": ``deliver`` runs on a thread of its own while ``aggregate`` waits for it; every other method runs
+# one at a time, in call order, as on an actor without concurrency
+@ray.remote(num_cpus=0, concurrency_groups={"mailbox": 1})  # type: ignore[call-overload]  # a class's option
 class Aggregator:
     """Holds the strategy (and its cross-round state) and the run's simulated clock for the whole run.
 
@@ -115,6 +147,8 @@ class Aggregator:
         # Error-feedback residuals of compressed uplinks: client-side state, kept here between the
         # rounds a client is sampled in (one payload-sized float32 array per such client).
         self.residuals: dict[int, np.ndarray] = {}
+        # (round, cohort position, ref) handed over by ``deliver``, taken by ``aggregate``
+        self.mailbox: queue.SimpleQueue[tuple[int, int, ray.ObjectRef[ClientUpdate]]] = queue.SimpleQueue()
 
     def configure(
         self, round_idx: int, client_ids: list[int], seeds: list[int]
@@ -146,12 +180,49 @@ class Aggregator:
             del u
         return out
 
+    @ray.method(concurrency_group="mailbox")
+    def deliver(self, round_idx: int, position: int, update_ref: list[ray.ObjectRef[ClientUpdate]]) -> None:
+        """Hand the update at cohort ``position`` of round ``round_idx`` to ``aggregate`` (``[ref]``: a list of one).
+
+        The caller may drop its ref as soon as this is called: the mailbox holds one until the update is folded.
+        """
+        self.mailbox.put((round_idx, position, update_ref[0]))
+
+    def _delivered(self, round_idx: int, count: int) -> Iterator[tuple[int, ray.ObjectRef[ClientUpdate]]]:
+        """The ``count`` (position, ref) pairs of round ``round_idx`` from the mailbox, as they are delivered.
+
+        A delivery for another round (left by a round that failed part-way) is dropped.
+        """
+        while count:
+            delivered_round, position, ref = self.mailbox.get()
+            if delivered_round == round_idx:
+                count -= 1
+                yield position, ref
+            del ref
+
+    @staticmethod
+    def _as_finished(
+        update_refs: list[ray.ObjectRef[ClientUpdate]],
+    ) -> Iterator[tuple[int, ray.ObjectRef[ClientUpdate]]]:
+        """(position, ref) of each of ``update_refs`` (cohort order) as it finishes; the list is emptied."""
+        position = {ref: i for i, ref in enumerate(update_refs)}
+        pending = list(update_refs)
+        update_refs.clear()  # hold each ref only until it is folded in: small updates live inline in this process
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            ref = ready.pop()
+            yield position.pop(ref), ref
+            del ref
+
     @ray.method(num_returns=2)
     def aggregate(
-        self, round_idx: int, global_payload: np.ndarray, update_refs: list[ray.ObjectRef[ClientUpdate]],
+        self, round_idx: int, global_payload: np.ndarray, updates: list[ray.ObjectRef[ClientUpdate]] | int,
         staleness: list[tuple[int, float]] | None = None,
     ) -> tuple[np.ndarray, RoundSummary]:
-        """Fold the round's updates (refs in cohort order) into the strategy; return new payload and summary.
+        """Fold the round's updates into the strategy; return new payload and summary.
+
+        ``updates``: the refs, in cohort order; or how many updates ``deliver`` will hand over (the driver's
+        synchronous rounds, ``deliver_updates``), their refs then never held by this call's arguments.
 
         On the run's clock, each update's simulated duration decides whether it is merged: under
         ``deadline`` as it arrives, under ``over_select`` once every update is in (only then is it
@@ -159,30 +230,27 @@ class Aggregator:
         With ``staleness`` (asynchronous buffered aggregation), (τ_i, s_i) per update: update i counts
         with its weight and routing statistics discounted by the factor s_i, and τ_i goes to its row.
         """
+        count = updates if isinstance(updates, int) else len(updates)
         fold = RoundFold(
-            self.strategy, self.layout, global_payload, round_idx=round_idx, cohort_size=len(update_refs),
+            self.strategy, self.layout, global_payload, round_idx=round_idx, cohort_size=count,
             residuals=self.residuals, max_update_norm=self.max_update_norm, clock=self.clock, staleness=staleness,
         )
-        position = {ref: i for i, ref in enumerate(update_refs)}
-        pending = list(update_refs)
-        update_refs.clear()  # hold each ref only until it is folded in: small updates live inline in this process
+        arrivals = self._delivered(round_idx, updates) if isinstance(updates, int) else self._as_finished(updates)
         wait_s = get_s = 0.0
-        while pending:
+        for _ in range(count):
             t0 = time.perf_counter()
-            ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            i, ref = next(arrivals)
             wait_s += time.perf_counter() - t0
-            for ref in ready:
-                i = position.pop(ref)
-                t0 = time.perf_counter()
-                try:
-                    update = ray.get(ref)
-                except _LOST as exc:
-                    fold.arrive(i, _failure_reason(exc))
-                else:
-                    get_s += time.perf_counter() - t0
-                    fold.arrive(i, update)
-                    del update  # the fold holds it until its turn
-            del ready, ref
+            t0 = time.perf_counter()
+            try:
+                update = ray.get(ref)
+            except _LOST as exc:
+                fold.arrive(i, _failure_reason(exc))
+            else:
+                get_s += time.perf_counter() - t0
+                fold.arrive(i, update)
+                del update  # the fold holds it until its turn
+            del ref
         payload, summary = fold.finish()
         return payload, replace(
             summary,

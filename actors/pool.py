@@ -254,11 +254,3 @@ class WorkerPool:
         for pg in self._pgs:
             remove_placement_group(pg)
         drop_factory(self._factory_key)
-
-
-def count_finished(refs: Sequence[ray.ObjectRef[Any]], timeout_s: float = 0.0) -> int:
-    """How many of ``refs`` have finished, waiting at most ``timeout_s`` for all (nothing is fetched)."""
-    if not refs:
-        return 0
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s, fetch_local=False)
-    return len(ready)

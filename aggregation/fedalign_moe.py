@@ -154,6 +154,7 @@ class FedAlignMoE(Strategy):
 
     name = "fedalign_moe"
     options_type = FedAlignOptions
+    keeps_readers = True  # Module 2 compares every pair of clients, expert by expert, once the cohort is in
     options: FedAlignOptions
 
     def __init__(self, layout: PayloadLayout, options: FedAlignOptions | None = None) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregation.cohort_spool import CohortSpool
 from aggregation.messages import ClientUpdate
 from aggregation.payload import PayloadLayout, payload_class
 from aggregation.sim_clock import OnTimeClock, SimulatedClock
@@ -54,9 +55,11 @@ class RoundSummary:
     # private memory now (when measured): object-store pages read zero-copy are shared
     aggregator_uss_mib: float = math.nan
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # Σ sum, Σ weight over accepted clients
-    # the aggregator's seconds by phase: "fold" (strategy.add, reading each update) and "merge" (strategy.finish)
+    # the aggregator's seconds by phase: "fold" (strategy.add, reading each update, and copying it to the spool
+    # when the strategy keeps its readers) and "merge" (strategy.finish)
     # here; the actor adds "wait" (for the next update to finish) and "get" (fetching it: transfer, restore)
     aggregator_seconds: dict[str, float] = field(default_factory=dict)
+    spooled_bytes: int = 0  # the updates copied to the aggregator's disk for a strategy that keeps its readers
 
     def metric(self, name: str) -> float:
         """The round's mean of a summable metric, Σ sum / Σ weight (nan when absent or of zero weight)."""
@@ -126,12 +129,16 @@ class RoundFold:
         Asynchronous aggregation: (τ_i, s_i) per cohort position, the update's staleness and its discount
         factor (FedBuff's s(τ_i), computed by the caller); update i counts with its ``n_examples`` and routing
         statistics scaled by s_i, is merged into ``round_idx``, and its row in the clients table records τ_i.
+    spool_dir : str or None
+        Where a strategy that keeps its readers (``Strategy.keeps_readers``) gets the round's updates copied
+        (``aggregation.cohort_spool``); None: the system's temporary directory.
     """
 
     def __init__(
         self, strategy: Strategy, layout: PayloadLayout, global_payload: np.ndarray, *, round_idx: int,
         cohort_size: int, residuals: MutableMapping[int, np.ndarray], max_update_norm: float | None = None,
         clock: SimulatedClock | None = None, staleness: Sequence[tuple[int, float]] | None = None,
+        spool_dir: str | None = None,
     ) -> None:
         if staleness is not None and len(staleness) != cohort_size:
             raise ValueError(f"round {round_idx}: {len(staleness)} staleness values for a cohort of {cohort_size}")
@@ -155,6 +162,7 @@ class RoundFold:
         self._comm: list[dict[str, Any]] = []
         self._metrics: dict[str, tuple[float, float]] = {}
         self._fold_s = 0.0
+        self._spool = CohortSpool(spool_dir) if strategy.keeps_readers else None
         strategy.begin(global_payload, round_idx=round_idx)
 
     def arrive(self, position: int, result: ClientUpdate | str) -> None:
@@ -218,7 +226,8 @@ class RoundFold:
         if update.residual is not None:
             self.residuals[update.client_id] = update.residual
         t0 = time.perf_counter()
-        self.strategy.add(ArrayReader(update))
+        reader = ArrayReader(update)
+        self.strategy.add(reader if self._spool is None else self._spool.keep(reader))
         self._fold_s += time.perf_counter() - t0
         if update.routing:
             self._p_bar[update.client_id] = [s.p_bar for s in update.routing]
@@ -236,6 +245,10 @@ class RoundFold:
         t0 = time.perf_counter()
         result = self.strategy.finish()
         merge_s = time.perf_counter() - t0
+        spooled = 0
+        if self._spool is not None:
+            spooled = self._spool.nbytes
+            self._spool.close()
         clients = [{**r, "weight": 0.0 if r["rejected"] or r["straggler"] else
                     result.client_weights.get(r["client"], float("nan"))} for r in self._rows]
         summary = RoundSummary(
@@ -250,5 +263,6 @@ class RoundFold:
             routing_p_bar=self._p_bar,
             metrics=dict(self._metrics),
             aggregator_seconds={"fold": self._fold_s, "merge": merge_s},
+            spooled_bytes=spooled,
         )
         return result.payload, summary

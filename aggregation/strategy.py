@@ -69,6 +69,9 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     options_type: ClassVar[type[Options]] = Options
+    # True: ``add`` keeps its readers until ``finish``. The round then hands it readers over the aggregator's own
+    # copy of each update (``aggregation.cohort_spool``), not over the object store, whose viewed objects stay pinned.
+    keeps_readers: ClassVar[bool] = False
 
     def __init__(self, layout: PayloadLayout, options: Options | None = None) -> None:
         self.options = options if options is not None else self.options_type()

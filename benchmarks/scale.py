@@ -118,6 +118,7 @@ class MemoryProbe(Callback):
             "aggregator_peak_mib": row["aggregator_peak_rss_mib"], "aggregator_uss_mib": row["aggregator_uss_mib"],
             "compute_s_sum": row["compute_s_sum"],
             **{f"aggregator_{phase}_s": row[f"aggregator_{phase}_s"] for phase in ("wait", "get", "fold", "merge")},
+            "aggregator_spool_mib": row["aggregator_spool_mib"],
             **memory_now(),
         })
         return False, {}

@@ -25,8 +25,8 @@ from typing import Any, cast
 import numpy as np
 import ray
 
-from actors import Aggregator, WorkerPool, count_finished
-from actors.aggregator import aggregator_options, instruction_refs
+from actors import Aggregator, WorkerPool
+from actors.aggregator import aggregator_options, deliver_updates, instruction_refs
 from aggregation.errors import FedsimError, RunFailed
 from aggregation.messages import ClientUpdate
 from aggregation.payload import PayloadLayout
@@ -146,14 +146,14 @@ class Rounds:
             cohort = self.sampler.sample(online, count)
             log.debug("round %d cohort %s (%d of %d clients online)", r, cohort, len(online), cfg.data.num_clients)
             refs = self._dispatch(r, cohort, payload_ref)
-            new_ref, summary_ref = self.aggregator.aggregate.remote(r, payload_ref, refs)
-            done = 0
-            while done < len(refs):
-                done = count_finished(refs, timeout_s=0.25)
+            new_ref, summary_ref = self.aggregator.aggregate.remote(r, payload_ref, len(refs))
+
+            def progress(done: int, total: int, round_idx: int = r) -> None:
                 for cb in self.cbs:
-                    cb.on_client_progress(round_idx=r, done=done, total=len(refs))
+                    cb.on_client_progress(round_idx=round_idx, done=done, total=total)
+
+            deliver_updates(self.aggregator, r, refs, progress)  # takes the refs over: each goes once folded
             summary: RoundSummary = ray.get(summary_ref)
-            del refs
             payload_ref = new_ref
             sim_time += summary.sim_round_s
             if summary.stragglers:
@@ -359,6 +359,7 @@ def _round_row(r: int, cohort: list[int], s: RoundSummary, train_wall: float, wo
         # the aggregator's seconds: waiting for updates, fetching them (transfer, restore), folding, merging
         **{f"aggregator_{phase}_s": s.aggregator_seconds.get(phase, float("nan"))
            for phase in ("wait", "get", "fold", "merge")},
+        "aggregator_spool_mib": s.spooled_bytes / 2**20,
         "driver_peak_rss_mib": 0.0,
         "worker_peak_rss_mib": 0.0,
         **s.report,  # the strategy's own columns (e.g. FedAlign-MoE's omega_entropy, excluded_pair_frac)

@@ -9,7 +9,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from actors.aggregator import Aggregator, aggregator_options, instruction_refs, reserved_cpus
+from actors.aggregator import Aggregator, aggregator_options, deliver_updates, instruction_refs, reserved_cpus
 from aggregation import ClientInstructions, EntrySpec, FedAvg, PayloadLayout
 from aggregation.errors import ClientFailure
 from aggregation.messages import ClientUpdate
@@ -124,6 +124,80 @@ def test_aggregate_folds_refs_as_the_fold_does_and_records_a_failed_client(ray_s
     assert set(summary.aggregator_seconds) == {"wait", "get", "fold", "merge"}
     assert all(s >= 0 for s in summary.aggregator_seconds.values()) and summary.aggregator_seconds["wait"] > 0
     assert list(state["residuals"]) == list(residuals) == [3]
+
+
+def test_delivered_updates_fold_as_refs_passed_whole_and_a_stale_delivery_is_dropped(ray_session) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    @ray.remote
+    def fails() -> ClientUpdate:
+        raise ClientFailure(8, 2, "RuntimeError: out of memory")
+
+    # Prepare: the three clients of the test above; a delivery left over from a round 1 that failed part-way
+    updates = [_client(3, 1.0, residual=np.ones(4, np.float32)), _client(9, 3.0)]
+    whole, delivered = (cast(Any, Aggregator).remote(FedAvg, LAYOUT) for _ in range(2))
+    try:
+        refs = [ray.put(updates[0]), fails.remote(), ray.put(updates[1])]
+        want = ray.get(whole.aggregate.remote(2, np.zeros(4, np.float32), list(refs)))
+        delivered.deliver.remote(1, 0, [ray.put(_client(3, 100.0))])
+        # Execute: the aggregate call first, the refs after it, handed over by the driver's helper
+        payload_ref, summary_ref = delivered.aggregate.remote(2, np.zeros(4, np.float32), len(refs))
+        seen: list[tuple[int, int]] = []
+        deliver_updates(delivered, 2, refs, lambda done, total: seen.append((done, total)))
+        payload, summary = ray.get([payload_ref, summary_ref])
+    finally:
+        ray.kill(whole)
+        ray.kill(delivered)
+    # Assert: the same merge and summary; the helper took the refs over and reported progress to the end
+    np.testing.assert_array_equal(payload, want[0])
+    assert summary.failures == want[1].failures and repr(summary.clients) == repr(want[1].clients)
+    assert refs == [] and seen[-1] == (3, 3)
+
+
+def _store_objects() -> int:
+    """Objects in this session's store, from Ray's own memory summary (another Ray may run on the machine)."""
+    import re
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    match = re.search(r"Plasma memory usage \d+ MiB, (\d+) objects", summary)
+    assert match, "Ray's memory summary no longer reports the store's objects"
+    return int(match.group(1))
+
+
+def test_a_delivered_update_leaves_the_object_store_once_folded_before_the_round_ends(ray_session) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import ray
+
+    # Prepare: four 8 MiB updates in the store (not inlined), the driver's refs dropped once delivered
+    layout = PayloadLayout.build([EntrySpec("w", "shared", None, None, (2 * 2**20,))])
+    aggregator = cast(Any, Aggregator).remote(FedAvg, layout)
+    try:
+        start = ray.put(np.zeros(2 * 2**20, np.float32))  # in the store before the count, as the driver's payload is
+        before = _store_objects()
+        refs = [ray.put(ClientUpdate(client_id=c, round_idx=1, n_examples=1, delta=np.full(2 * 2**20, c, np.float32),
+                                     routing=())) for c in range(4)]
+        assert _store_objects() == before + 4
+        payload_ref, summary_ref = aggregator.aggregate.remote(1, start, 4)
+        # Execute: three of the four delivered; the round cannot end without the fourth
+        for i in range(3):
+            aggregator.deliver.remote(1, i, [refs[i]])
+        del refs[:3]
+        deadline = time.monotonic() + 60
+        while _store_objects() > before + 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # Assert: the three folded updates have left the store while the round is still open
+        left = _store_objects() - before
+        assert left == 1, f"{left} of the round's updates still in the store"
+        assert ray.wait([summary_ref], timeout=0)[0] == []
+        aggregator.deliver.remote(1, 3, [refs.pop()])
+        payload = ray.get(payload_ref)
+        assert payload[0] == np.float32(1.5)  # the mean of 0, 1, 2, 3
+    finally:
+        ray.kill(aggregator)
 
 
 def test_the_clock_given_at_the_start_times_every_round(ray_session) -> None:  # type: ignore[no-untyped-def]
