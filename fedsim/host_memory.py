@@ -155,6 +155,8 @@ def aggregator_host(cfg: RunConfig, layout: PayloadLayout, *, cohort: int, updat
         batch = sigma_batch(cohort, hidden_size)  # experts whose σ terms are computed together
         parts += [
             ("float64 sums of the shared entries and the new payload", 8.0 * shared_values + 4.0 * values),
+            # the deltas go to the aggregator's temporary file (aggregation/cohort_spool.py), not to memory
+            ("the cohort's routing statistics, copied out of the object store", float(cohort * routing_client)),
             ("one expert slice × cohort (float32, and float64 in the merge)", 12.0 * cohort * width),
             ("one layer's routing statistics stacked, and its signatures μ",
              float(cohort * routing_client // max(moe_layers, 1)) + 8.0 * cohort * num_experts * hidden_size),
