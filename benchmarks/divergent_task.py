@@ -129,7 +129,7 @@ def compare(args: argparse.Namespace, out: Path) -> None:
 
 
 def main() -> None:
-    args = stage_arguments(__doc__.splitlines()[0], ["probe", "compare"], "benchmarks/results/divergent_task")
+    args = stage_arguments(__doc__.splitlines()[0], ["probe", "compare"], "benchmarks/measured/divergent_task")
     (probe if args.stage == "probe" else compare)(args, Path(args.out))
 
 
