@@ -70,6 +70,24 @@ def instruction_refs(
     return [refs] if len(client_ids) == 1 else list(refs)  # Ray gives one ref, not a list, for num_returns=1
 
 
+def finished_in_order(
+    update_refs: list[ray.ObjectRef[ClientUpdate]], poll_s: float,
+) -> Iterator[tuple[int, list[tuple[int, ray.ObjectRef[ClientUpdate]]]]]:
+    """(how many have finished, [(cohort position, ref), ...] of those finished since) every ``poll_s`` seconds.
+
+    Takes the refs over: ``update_refs`` is emptied, so a ref lives only until
+    its consumer drops it (small updates live inline in the holder's process).
+    A poll in which nothing finished yields an empty batch.
+    """
+    position = {ref: i for i, ref in enumerate(update_refs)}
+    pending, total = list(update_refs), len(update_refs)
+    update_refs.clear()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s, fetch_local=False)
+        yield total - len(pending), [(position.pop(ref), ref) for ref in ready]
+        del ready
+
+
 def deliver_updates(
     aggregator: Any, round_idx: int, update_refs: list[ray.ObjectRef[ClientUpdate]],
     progress: Callable[[int, int], None], poll_s: float = 0.25,
@@ -81,17 +99,14 @@ def deliver_updates(
     folded it. ``progress(done, total)`` is called every ``poll_s`` seconds
     and after the last update.
     """
-    position = {ref: i for i, ref in enumerate(update_refs)}
-    pending, total = list(update_refs), len(update_refs)
-    update_refs.clear()
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s, fetch_local=False)
-        while ready:
-            ref = ready.pop()
+    total = len(update_refs)
+    for done, batch in finished_in_order(update_refs, poll_s):
+        while batch:
+            position, ref = batch.pop()
             # in a list, so the aggregator gets the ref itself, not its value fetched into the call
-            aggregator.deliver.remote(round_idx, position.pop(ref), [ref])
+            aggregator.deliver.remote(round_idx, position, [ref])
             del ref
-        progress(total - len(pending), total)
+        progress(done, total)
 
 
 def reserved_cpus(cpus: int) -> int:
@@ -205,14 +220,9 @@ class Aggregator:
         update_refs: list[ray.ObjectRef[ClientUpdate]],
     ) -> Iterator[tuple[int, ray.ObjectRef[ClientUpdate]]]:
         """(position, ref) of each of ``update_refs`` (cohort order) as it finishes; the list is emptied."""
-        position = {ref: i for i, ref in enumerate(update_refs)}
-        pending = list(update_refs)
-        update_refs.clear()  # hold each ref only until it is folded in: small updates live inline in this process
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
-            ref = ready.pop()
-            yield position.pop(ref), ref
-            del ref
+        for _, batch in finished_in_order(update_refs, poll_s=0.05):
+            while batch:
+                yield batch.pop()
 
     @ray.method(num_returns=2)
     def aggregate(
