@@ -48,6 +48,10 @@ from fedsim.quiet import quiet_libraries  # noqa: E402
 
 _LADDER = "strategy.name=fedalign_moe"
 _NO_MODULE_2 = ["strategy.fedalign.semantic=false", "strategy.fedalign.adaptive_alpha=false"]
+# γ as the spec decided it (today's defaults), named in every run, so that when the held-out test moves a default
+# (docs/paper.md, "Settling γ") a recorded setting keeps its meaning and its digest, and the grid still resumes
+SPEC_GAMMA = ["strategy.fedalign.direction_consensus=true", "strategy.fedalign.consensus_space=factors",
+              "strategy.fedalign.gate=hard"]
 # Setting → config overrides. Strategies that read routing statistics take them after training (the spec's).
 SETTINGS: dict[str, list[str]] = {
     "fedavg": ["strategy.name=fedavg"],
@@ -82,7 +86,7 @@ def _completed(run_dir: Path) -> bool:
 
 def run_once(config: str, setting: str, alpha: float, seed: int, extra: list[str], runs: Path) -> pd.DataFrame:
     """One run's rounds table, read back when a previous invocation completed the same configuration."""
-    cfg = load_config(config, [*SETTINGS[setting], f"data.alpha={alpha}", f"seed={seed}", "progress=false",
+    cfg = load_config(config, [*SPEC_GAMMA, *SETTINGS[setting], f"data.alpha={alpha}", f"seed={seed}", "progress=false",
                                f"name={setting}", *extra])
     out = runs / f"{setting}-a{alpha}-s{seed}-{cfg.digest()[:8]}"  # the digest: other overrides, other runs
     if _completed(out):

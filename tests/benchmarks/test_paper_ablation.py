@@ -108,3 +108,24 @@ class TestRunOnce:
         with pytest.raises(SystemExit, match=run_dir.name):
             paper_ablation.run_once(None, "fedavg", 0.1, 0, [], tmp_path)
         assert calls == []
+
+    def test_a_setting_keeps_its_gamma_and_its_run_when_the_defaults_move(self, tmp_path, monkeypatch):
+        # Prepare: a configuration whose γ defaults differ from the spec's, as after the held-out test moved them
+        moved = tmp_path / "moved.yaml"
+        moved.write_text("strategy:\n  fedalign:\n    direction_consensus: false\n    consensus_space: function\n"
+                         "    gate: soft\n")
+        seen = []
+        monkeypatch.setattr(paper_ablation, "run",
+                            lambda cfg, out: seen.append((cfg, out.name)) or SimpleNamespace(rounds=pd.DataFrame()))
+
+        # Execute
+        for setting in ("fedalign_moe", "fedalign_no_d", "fedavg"):
+            for config in (None, moved):
+                paper_ablation.run_once(config, setting, 0.1, 0, [], tmp_path)
+
+        # Assert: each setting names the same configuration, so the same recorded run, whatever the defaults
+        (spec, spec_dir), (after, after_dir), (no_d, no_d_dir), (no_d_after, no_d_after_dir), *fedavg = seen
+        assert spec_dir == after_dir and no_d_dir == no_d_after_dir and fedavg[0][1] == fedavg[1][1]
+        assert (after.strategy.fedalign.direction_consensus, after.strategy.fedalign.consensus_space,
+                after.strategy.fedalign.gate) == (True, "factors", "hard")
+        assert not no_d_after.strategy.fedalign.direction_consensus and no_d_after.strategy.fedalign.gate == "hard"
