@@ -84,8 +84,9 @@ def finished_in_order(
     update_refs.clear()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s, fetch_local=False)
-        yield total - len(pending), [(position.pop(ref), ref) for ref in ready]
-        del ready
+        batch = [(position.pop(ref), ref) for ref in ready]
+        del ready  # the batch is the only holder here: each ref goes when its consumer pops it
+        yield total - len(pending), batch
 
 
 def deliver_updates(
