@@ -172,7 +172,8 @@ def strategy_figure(rounds: pd.DataFrame) -> Figure | None:
     for c in experts:
         right.plot(rounds["round"], rounds[c], marker=".", label=EXPERT_DIAGNOSTICS[c])
     right.axhline(0.0, color="grey", linewidth=0.8)
-    right.set(xlabel="round", title="Module 2: expert gating and direction consensus D")
+    with_d = " and direction consensus D" if "consensus_mean" in experts else ""
+    right.set(xlabel="round", title=f"Module 2: expert gating{with_d}")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -67,6 +67,7 @@ def _run(strategy, global_payload, readers, round_idx: int = 1):
 
 
 SAME_MU = [[1.0, 0.0], [0.0, 1.0]]
+WITH_D = FedAlignOptions(direction_consensus=True)  # the spec's γ = 1[σ ≥ τ]·max(D, 0); the default drops D
 
 
 def _term(ins: ClientInstructions) -> RoutingRegulariserTerm:
@@ -192,7 +193,7 @@ class TestFinish:
             readers.append(_reader(cid, 1, delta, [_stats(mu)]))
 
         # Execute
-        result = _run(FedAlignMoE(layout), layout.zeros(), readers)
+        result = _run(FedAlignMoE(layout, WITH_D), layout.zeros(), readers)
 
         # Assert: expert 0 = mean(1, 2, 3, 4); expert 1 and routers = mean(1, 2, 3, 4, 100); shared = mean(0..4)
         np.testing.assert_array_equal(result.payload[a0:b0], np.full(b0 - a0, 2.5, dtype=np.float32))
@@ -432,7 +433,7 @@ class TestAgainstFloat64Reference:
         lo, hi = layout.expert_block
 
         # Execute
-        result = _run(FedAlignMoE(layout), g, [_reader(*c) for c in clients])
+        result = _run(FedAlignMoE(layout, WITH_D), g, [_reader(*c) for c in clients])
 
         # Assert: the float32 Gram moves D by ~1e-7 and π with it; the payload rounds θ to float32
         expected = _reference_experts(layout, g, clients)
@@ -518,7 +519,7 @@ class TestFailure:
         with pytest.raises(RuntimeError, match=r"before begin\(\)"):
             strategy.finish()
 
-    def test_without_direction_consensus_gamma_is_the_sigma_gate_alone(self):
+    def test_by_default_gamma_is_the_sigma_gate_alone_and_direction_consensus_restores_d(self):
         # Prepare: same signatures, opposite expert-1 updates (D = −1 would zero γ_01)
         layout = _layout()
         (a1, b1) = layout.expert_span(0, 1)
@@ -527,8 +528,8 @@ class TestFailure:
         readers = [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])]
 
         # Execute
-        with_d = _run(FedAlignMoE(layout), layout.zeros(), readers)
-        without_d = _run(FedAlignMoE(layout, FedAlignOptions(direction_consensus=False)), layout.zeros(), readers)
+        with_d = _run(FedAlignMoE(layout, WITH_D), layout.zeros(), readers)
+        without_d = _run(FedAlignMoE(layout), layout.zeros(), readers)
 
         # Assert: with D the expert keeps its value; without, π = n-share [1, 3]/4 merges it. D over the
         # experts' pairs: expert 0's updates are both zero (D = 0), expert 1's opposite (D = −1); none without D
@@ -556,7 +557,7 @@ class TestFailure:
         readers = [_reader(0, 1, d0, [_stats(SAME_MU)]), _reader(1, 3, d1, [_stats(SAME_MU)])]
 
         def merged(space: str) -> np.ndarray:
-            options = FedAlignOptions(consensus_space=space, expert_agg=expert_agg)
+            options = FedAlignOptions(direction_consensus=True, consensus_space=space, expert_agg=expert_agg)
             return _run(FedAlignMoE(layout, options), start, readers).payload[a:b]
 
         # Execute
@@ -565,6 +566,11 @@ class TestFailure:
         # Assert: in factor space D < 0 and the expert keeps its start; in function space π = [1, 3]/4 merges it
         np.testing.assert_array_equal(factors, start[a:b])
         np.testing.assert_allclose(function, start[a:b] + 0.25 * d0[a:b] + 0.75 * d1[a:b], rtol=1e-6)
+
+    def test_function_space_needs_the_direction_consensus_it_measures(self):
+        # Execute / Assert
+        with pytest.raises(ValidationError, match="consensus_space='function' measures D"):
+            FedAlignOptions(consensus_space="function")
 
     def test_personalized_needs_semantic_aggregation(self):
         # Execute / Assert
@@ -578,7 +584,7 @@ class TestFailure:
         d0, d1 = layout.zeros(), layout.zeros()
         d0[a0:b0], d1[a0:b0] = 1.0, 3.0
         d0[a1:b1], d1[a1:b1] = 1.0, -1.0
-        strategy = FedAlignMoE(layout, FedAlignOptions(expert_agg="personalized"))
+        strategy = FedAlignMoE(layout, FedAlignOptions(direction_consensus=True, expert_agg="personalized"))
 
         # Execute
         result = _run(strategy, layout.zeros(),
@@ -602,7 +608,7 @@ class TestFailure:
 
         # Assert
         np.testing.assert_allclose(_own(strategy.configure(0, 3, seed=0), layout), own0)
-        restored = FedAlignMoE(layout, FedAlignOptions(expert_agg="personalized"))
+        restored = FedAlignMoE(layout, FedAlignOptions(direction_consensus=True, expert_agg="personalized"))
         restored.load_state_dict(strategy.state_dict())
         np.testing.assert_allclose(_own(restored.configure(0, 3, seed=0), layout), own0)
 

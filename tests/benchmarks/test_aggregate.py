@@ -13,7 +13,7 @@ from benchmarks import aggregate  # noqa: E402  (it pins one BLAS thread for its
 os.environ.clear()
 os.environ.update(_environ)  # not for the Ray workers later tests start
 
-from aggregation import ArrayReader, FedAlignMoE, FedAvg  # noqa: E402
+from aggregation import ArrayReader, FedAvg  # noqa: E402
 from aggregation import semantic_alignment as sa  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def test_pairwise_part_is_timed_inside_a_fedalign_round_and_is_zero_for_fedavg(c
     base = np.zeros(layout.total, dtype=np.float32)
 
     # Execute
-    align_s, align_pairwise_s = aggregate.one_round(FedAlignMoE(layout), base, updates)
+    align_s, align_pairwise_s = aggregate.one_round(aggregate.FEDALIGN_WITH_D(layout), base, updates)
     avg_s, avg_pairwise_s = aggregate.one_round(FedAvg(layout), base, updates)
 
     # Assert: the total is the sum of the terms, every term of FedAlign-MoE's pass is timed
@@ -51,11 +51,11 @@ def test_timing_leaves_the_round_bit_identical_and_restores_the_functions(cohort
     layout, updates = cohort
     originals = {name: getattr(sa, name) for names in aggregate.PAIRWISE_TERMS.values() for name in names
                  if hasattr(sa, name)}
-    plain = _payload(FedAlignMoE(layout), layout, updates)
+    plain = _payload(aggregate.FEDALIGN_WITH_D(layout), layout, updates)
 
     # Execute
     with aggregate.timing_pairwise() as spent:
-        timed = _payload(FedAlignMoE(layout), layout, updates)
+        timed = _payload(aggregate.FEDALIGN_WITH_D(layout), layout, updates)
 
     # Assert
     np.testing.assert_array_equal(timed, plain)
@@ -98,7 +98,7 @@ def test_a_cohort_over_the_budget_is_memmapped_and_holds_the_same_values(tmp_pat
             files = sorted(p.name for p in tmp_path.glob("*/*"))
             same = all(np.array_equal(a.delta, b.delta) for a, b in zip(in_memory, spilled, strict=True))
             kinds = [type(u.delta) for u in spilled]
-            payload = _payload(FedAlignMoE(layout), layout, spilled)
+            payload = _payload(aggregate.FEDALIGN_WITH_D(layout), layout, spilled)
 
     # Assert: one file per update, read-only memmaps, as the in-memory cohort; the files are gone afterwards
     assert (where_memory, where) == ("memory", "memmap")

@@ -108,8 +108,10 @@ def _actor_processes(title: str) -> list[psutil.Process]:
     return found
 
 
-def test_run_fedalign_moe_two_rounds(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    result = run(tiny_config("strategy.name=fedalign_moe", "data.alpha=0.3"), out=tmp_path / "fedalign")
+def test_run_fedalign_moe_two_rounds_with_the_spec_gamma(ray_session, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the spec's γ with D on the experts' effective weights: the other FedAlign-MoE runs here take the default (no D)
+    spec_gamma = ("strategy.fedalign.direction_consensus=true", "strategy.fedalign.consensus_space=function")
+    result = run(tiny_config("strategy.name=fedalign_moe", "data.alpha=0.3", *spec_gamma), out=tmp_path / "fedalign")
     rounds = result.rounds
     assert list(rounds["round"]) == [1, 2] and rounds["test_accuracy"].between(0, 1).all()
     assert rounds["omega_entropy"].notna().all() and rounds["excluded_pair_frac"].between(0, 1).all()

@@ -48,4 +48,5 @@ def test_a_run_without_the_diagnostics_has_no_figure_and_a_partial_one_draws_wha
     # Assert
     assert none is None
     assert no_d is not None and "D mean" not in _lines(no_d.axes[1]) and "experts kept" in _lines(no_d.axes[1])
+    assert no_d.axes[1].get_title() == "Module 2: expert gating"
     plt.close(no_d)
