@@ -83,7 +83,9 @@ def main() -> None:
         for alpha in (1.0, 0.1):
             finals, early, tvs = [], [], []
             for seed in range(args.seeds):
-                extra = [f"data.alpha={alpha}", f"seed={seed}", "progress=false", *args.overrides]
+                # FedAvg, statistics off the training passes: the demo config's strategy when these figures were taken
+                extra = ["strategy.name=fedavg", "train.routing_stats=during", f"data.alpha={alpha}", f"seed={seed}",
+                         "progress=false", *args.overrides]
                 if args.rounds:
                     extra.append(f"rounds={args.rounds}")
                 cfg = load_config(args.config, extra)

@@ -84,8 +84,8 @@ def main() -> None:
     try:
         for shape in shapes:
             config, overrides = SHAPES[shape]
-            base = [*overrides, "progress=false", "model.pretrain.steps=0", "workers.num_workers=1",
-                    f"train.local_steps={args.local_steps}", "train.routing_stats=during",
+            base = [*overrides, "strategy.name=fedavg", "progress=false", "model.pretrain.steps=0",
+                    "workers.num_workers=1", f"train.local_steps={args.local_steps}", "train.routing_stats=during",
                     f"cache_dir={work / 'cache'}"]
             for name, setting in SETTINGS:
                 seconds, _ = client_seconds(load_config(config, [*base, *setting]), clients, repeats)

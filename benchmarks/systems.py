@@ -102,7 +102,9 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="fedsim-systems-"))
-    base = ["progress=false", f"data.num_clients={2 * args.clients}", f"clients_per_round={args.clients}",
+    # FedAvg, statistics off the training passes: the demo config's strategy when these figures were taken
+    base = ["strategy.name=fedavg", "train.routing_stats=during", "progress=false",
+            f"data.num_clients={2 * args.clients}", f"clients_per_round={args.clients}",
             "data.alpha=1.0", "system.profiles=random", "system.slow_fraction=0.3", "system.slow_factor=5",
             f"system.seconds_per_example={args.seconds_per_example}", "checkpoint.every=0", *args.overrides]
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",

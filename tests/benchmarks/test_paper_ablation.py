@@ -110,10 +110,11 @@ class TestRunOnce:
         assert calls == []
 
     def test_a_setting_keeps_its_gamma_and_its_run_when_the_defaults_move(self, tmp_path, monkeypatch):
-        # Prepare: a configuration whose γ defaults differ from the spec's, as after the held-out test moved them
+        # Prepare: a configuration whose strategy, routing statistics and γ differ from those the grids ran with,
+        # as after the held-out test moved γ's default and the demo to FedAlign-MoE
         moved = tmp_path / "moved.yaml"
-        moved.write_text("strategy:\n  fedalign:\n    direction_consensus: false\n    consensus_space: function\n"
-                         "    gate: soft\n")
+        moved.write_text("strategy:\n  name: fedalign_moe\n  fedalign:\n    direction_consensus: false\n"
+                         "    gate: soft\ntrain:\n  routing_stats: after\n")
         seen = []
         monkeypatch.setattr(paper_ablation, "run",
                             lambda cfg, out: seen.append((cfg, out.name)) or SimpleNamespace(rounds=pd.DataFrame()))
@@ -129,3 +130,4 @@ class TestRunOnce:
         assert (after.strategy.fedalign.direction_consensus, after.strategy.fedalign.consensus_space,
                 after.strategy.fedalign.gate) == (True, "factors", "hard")
         assert not no_d_after.strategy.fedalign.direction_consensus and no_d_after.strategy.fedalign.gate == "hard"
+        assert fedavg[1][0].strategy.name == "fedavg" and fedavg[1][0].train.routing_stats == "during"
