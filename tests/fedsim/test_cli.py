@@ -88,6 +88,10 @@ def _run_dir(tmp: Path, *, status: str | None = '{"status": "failed"}', manifest
 CASES: dict[str, tuple[Case, str]] = {
     "unknown key": (_run("unknown_key=1"), "unknown_key: unknown key"),
     "negative rounds": (_run("rounds=-1"), "rounds:"),
+    "function-space D left out of gamma": (
+        _run("strategy.fedalign.consensus_space=function"),
+        "strategy.fedalign: consensus_space='function' measures D, which γ leaves out: set direction_consensus=true",
+    ),
     "unknown family": (_run("model.family=gpt2"), "model.family"),
     "missing data file": (_run("data.source=missing/file.json"), "missing/file.json"),
     "unknown strategy": (_run("strategy.name=fedbar"), "strategy.name"),
