@@ -59,8 +59,7 @@ QUICK = [
 RUN = [
     "model.pretrain.steps=0", "data.partition=iid", "data.max_per_class=40", "rounds=1", "clients_per_round=4",
     "train.local_steps=1", "train.batch_size=4", "strategy.name=fedalign_moe", "train.routing_stats=during",
-    "workers.num_workers=2",
-    "progress=false",
+    "workers.num_workers=2", "progress=false",
 ]
 VARIANTS = {"before": ["lora.routed_experts=false"], "after": ["lora.routed_experts=true"]}
 
